@@ -1,0 +1,27 @@
+"""lkfx: compiler passes for convolutional networks, on torch.fx and ONNX.
+
+    import lkfx
+    model = lkfx.transform(model, ["fold_bn"])                     # nn.Module -> GraphModule
+    proto = lkfx.transform("model.onnx", ["fold_bn"], check=True)  # ONNX -> onnx.ModelProto
+
+Importing lkfx imports neither torch, onnx, onnxruntime, triton nor tensorrt; each is loaded when a pass needs it.
+"""
+
+from lkfx.api import transform
+from lkfx.errors import CheckError, LkfxError, PassError
+from lkfx.passes import Pass, PassContext, list_passes, register_pass
+from lkfx.report import PassReport, Report
+
+__version__ = "0.1.0"
+__all__ = [
+    "CheckError",
+    "LkfxError",
+    "Pass",
+    "PassContext",
+    "PassError",
+    "PassReport",
+    "Report",
+    "list_passes",
+    "register_pass",
+    "transform",
+]

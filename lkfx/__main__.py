@@ -1,0 +1,3 @@
+from lkfx.cli import main
+
+raise SystemExit(main())

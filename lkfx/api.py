@@ -1,0 +1,212 @@
+"""`transform()`: dispatch on the model's kind, run the passes in order, optionally check the numerics.
+
+    nn.Module  --deepcopy--> trace --> pass.run_fx ...   --> GraphModule   (check: torch, eval mode)
+    ONNX file / ModelProto --> load --> graphsurgeon --> pass.run_onnx ... --> ModelProto (check: onnxruntime)
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+from typing import Any
+
+from lkfx.errors import CheckError, LkfxError, PassError
+from lkfx.passes import Pass, PassContext, resolve_passes
+from lkfx.report import PassReport, Report
+
+
+def _is_module(model: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(model, torch.nn.Module)
+
+
+def _is_onnx(model: Any) -> bool:
+    if isinstance(model, (str, os.PathLike)):
+        return True
+    onnx = sys.modules.get("onnx")
+    return onnx is not None and isinstance(model, onnx.ModelProto)
+
+
+def transform(
+    model: Any,
+    passes: Any,
+    *,
+    example_inputs: Any = None,
+    inplace: bool = False,
+    check: bool = False,
+    return_report: bool = False,
+    leaf_modules: Any = (),
+    calib_data: Any = None,
+) -> Any:
+    """Apply `passes` to `model` (an nn.Module, an onnx.ModelProto or a path to a .onnx file).
+
+    passes: names (``"fold_bn"``), ``(name, {option: value})`` tuples or Pass objects, run in order.
+    example_inputs: a tensor / tuple of tensors (modules) or a ``{name: array}`` dict (ONNX); used by passes that
+        need shapes and by the check. check=True on a module requires them; ONNX gets random inputs otherwise.
+    inplace: False never touches the caller's model; True lets passes mutate it.
+    check: compare outputs of the original and the result and raise `CheckError` beyond the passes' tolerance.
+    leaf_modules: module types torch.fx should not trace into.
+    Returns the rewritten model, or ``(model, report)`` with return_report=True.
+    """
+    pass_objs = resolve_passes(passes)
+    if _is_module(model):
+        out, report = _transform_module(model, pass_objs, example_inputs, inplace, check, tuple(leaf_modules), calib_data)
+    elif _is_onnx(model):
+        out, report = _transform_onnx(model, pass_objs, example_inputs, inplace, check, calib_data)
+    else:
+        raise LkfxError(f"cannot transform a {type(model).__name__}; give a torch.nn.Module, an onnx.ModelProto "
+                        "or the path of a .onnx file")
+    return (out, report) if return_report else out
+
+
+def _pass_report(report: Report, p: Pass) -> PassReport:
+    for pr in report.passes:
+        if pr.name == p.name:
+            return pr
+    pr = PassReport(p.name, report.frontend)
+    report.passes.append(pr)
+    return pr
+
+
+def _run(p: Pass, fn, graph, ctx: PassContext, where: str):
+    start = time.perf_counter()
+    try:
+        return fn(graph, ctx)
+    except LkfxError:
+        raise
+    except Exception as e:
+        raise PassError(f"pass '{p.name}' failed on {where}: {type(e).__name__}: {e}") from e
+    finally:
+        ctx.report.seconds += time.perf_counter() - start
+
+
+def _require(passes: list[Pass], frontend: str) -> None:
+    for p in passes:
+        if frontend not in p.frontends():
+            raise LkfxError(f"pass '{p.name}' has no {frontend} frontend (it works on: {', '.join(p.frontends())})")
+
+
+def _tolerance(passes: list[Pass]) -> float:
+    return max(p.tolerance for p in passes)
+
+
+# --- torch.fx ---------------------------------------------------------------------------------------------
+def _transform_module(model, passes, example_inputs, inplace, check, leaf_modules, calib_data):
+    import torch
+
+    from lkfx.graph import fx as gfx
+
+    _require(passes, "fx")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    elif example_inputs is not None:
+        example_inputs = tuple(example_inputs)
+    if check and example_inputs is None:
+        raise LkfxError("check=True on an nn.Module needs example_inputs=(tensor, ...) to run both models")
+    reference = copy.deepcopy(model) if (check and inplace) else model
+    work = model if inplace else copy.deepcopy(model)
+    report = Report("fx", before=gfx.stats(model))
+
+    def run_all(gm, inputs, where):
+        for p in passes:
+            ctx = PassContext(_pass_report(report, p), inputs, calib_data)
+            gm = _run(p, p.run_fx, gm, ctx, where)
+        return gm
+
+    try:
+        gm = gfx.trace(work, leaf_modules)
+    except gfx.TraceError as e:
+        if not all(p.module_fallback for p in passes):
+            raise
+        report.notes.append(f"{e}; rewrote each traceable submodule instead")
+        inputs = gfx.submodule_inputs(work, example_inputs) if example_inputs is not None else {}
+        _rewrite_children(work, "", run_all, inputs, leaf_modules, report)
+        result = work
+    else:
+        result = run_all(gm, example_inputs, type(model).__name__)
+        result.training = work.training
+    report.after = gfx.stats(result)
+    if check:
+        _check_module(reference, result, example_inputs, _tolerance(passes), report)
+    return result, report
+
+
+def _rewrite_children(module, prefix, run_all, inputs, leaf_modules, report) -> None:
+    from lkfx.graph import fx as gfx
+
+    for name, child in module.named_children():
+        full = f"{prefix}{name}"
+        if not list(child.children()):
+            continue  # a single layer: nothing to pair it with at this level
+        try:
+            gm = gfx.trace(child, leaf_modules)
+        except gfx.TraceError as e:
+            report.notes.append(f"{full}: {e}")
+            _rewrite_children(child, f"{full}.", run_all, inputs, leaf_modules, report)
+            continue
+        before = sum(p.rewritten for p in report.passes)
+        new = run_all(gm, inputs.get(full), full)
+        if sum(p.rewritten for p in report.passes) > before:
+            new.training = child.training
+            setattr(module, name, new)
+
+
+def _check_module(reference, result, example_inputs, tol, report) -> None:
+    import torch
+
+    from lkfx.compare import max_rel_error
+    from lkfx.graph import fx as gfx
+
+    outs = []
+    for m in (reference, result):
+        m = copy.deepcopy(m).eval()
+        with torch.no_grad():
+            outs.append(gfx.flat_outputs(m(*example_inputs)))
+    err = max_rel_error(*outs)
+    report.check = {"max_rel_error": err, "tolerance": tol, "passed": err <= tol}
+    if not err <= tol:
+        raise CheckError(f"outputs differ after {[p.name for p in report.passes]}: max relative error {err:.3g} "
+                         f"> tolerance {tol:g}")
+
+
+# --- ONNX -------------------------------------------------------------------------------------------------
+def _transform_onnx(source, passes, example_inputs, inplace, check, calib_data):
+    import onnx
+
+    from lkfx.graph import onnx as gonnx
+
+    _require(passes, "onnx")
+    model = gonnx.load(source)
+    report = Report("onnx", before=gonnx.stats(model))
+    graph = gonnx.to_graph(model)
+    for p in passes:
+        ctx = PassContext(_pass_report(report, p), example_inputs, calib_data)
+        _run(p, p.run_onnx, graph, ctx, "the ONNX graph")
+    out = gonnx.from_graph(graph, model)
+    if out.ByteSize() <= 2**31 - 1:
+        try:
+            onnx.checker.check_model(out)
+        except onnx.checker.ValidationError as e:
+            raise PassError(f"passes {[p.name for p in passes]} produced an invalid model (a bug in lkfx): {e}") from e
+    report.after = gonnx.stats(out)
+    if check:
+        feeds = example_inputs if example_inputs is not None else gonnx.random_inputs(model)
+        err = _compare_onnx(model, out, feeds)
+        tol = _tolerance(passes)
+        report.check = {"max_rel_error": err, "tolerance": tol, "passed": err <= tol}
+        if not err <= tol:
+            raise CheckError(f"onnxruntime outputs differ after {[p.name for p in passes]}: max relative error "
+                             f"{err:.3g} > tolerance {tol:g}")
+    if inplace and isinstance(source, onnx.ModelProto):
+        source.CopyFrom(out)
+        out = source
+    return out, report
+
+
+def _compare_onnx(model, out, feeds) -> float:
+    from lkfx.compare import max_rel_error
+    from lkfx.graph import onnx as gonnx
+
+    return max_rel_error(gonnx.run(model, feeds), gonnx.run(out, feeds))

@@ -1,0 +1,1 @@
+"""Frontend plumbing: loading, tracing, saving, running models for checks."""

@@ -1,0 +1,289 @@
+"""fold_bn: fold inference-mode BatchNorm into the neighbouring conv / linear.
+
+BatchNorm at inference is ``s * y + t`` per channel, ``s = gamma / sqrt(var + eps)``, ``t = beta - mean * s``.
+
+After a conv (Conv1d/2d/3d, ConvTranspose with any groups, Linear / Gemm)::
+
+    x -> Conv(W, b) -> BN -> y        becomes        x -> Conv(s W, s b + t) -> y
+
+Before a conv that does not zero-pad (padding 0, or reflect / replicate / circular padding, which pad with
+copies of ``s x + t``)::
+
+    x -> BN -> Conv(W, b) -> y        becomes        x -> Conv(W diag(s), b + W t) -> y
+
+With zero padding the border taps would see 0 instead of ``t``: refused with that reason.
+
+Refused (each with its reason in the report): BN in training mode (torch ``.training``, ONNX
+``training_mode=1``) or without running statistics; conv output also read elsewhere or a graph output (the
+un-normalised value is still needed); weights computed in the graph; a Linear whose output rank is not proven
+2-D (pass ``example_inputs``). A conv whose weight is shared with another node is folded into a copy (exact; the
+report says so). The formulas live in `lkfx.kernel_math`; folding is done in float64 and cast back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from lkfx import kernel_math as km
+from lkfx.passes import Pass, PassContext, register_pass
+from lkfx.patterns.core import Pattern, Rule, apply_rules
+
+ZERO_PAD_REASON = "the conv zero-pads its input, so border taps would see 0 instead of the BatchNorm's shift"
+
+
+@register_pass
+class FoldBN(Pass):
+    name = "fold_bn"
+    summary = "Fold inference BatchNorm into the conv / linear before it (or after it, when exact)."
+    options = {"before": True}
+
+    # --- torch.fx -----------------------------------------------------------------------------------
+    def run_fx(self, gm: Any, ctx: PassContext) -> Any:
+        import torch
+
+        from lkfx.graph.fx import propagate_shapes
+        from lkfx.patterns.fx import FxView
+
+        if ctx.example_inputs is not None:
+            propagate_shapes(gm, ctx.example_inputs)
+        view = FxView(gm)
+
+        def f64(t):
+            return None if t is None else t.detach().to(torch.float64)
+
+        def bn_affine(bn):
+            return km.bn_scale_shift(f64(bn.mean), f64(bn.var), f64(bn.weight), f64(bn.bias), bn.eps)
+
+        def common(conv, bn) -> str | None:
+            reason = view.bn_refusal(bn)
+            if reason:
+                return reason
+            if conv.weight is None:
+                return "the conv weight is computed in the graph, not a parameter"
+            if view.bias_is_computed(conv):
+                return "the conv bias is computed in the graph, not a parameter"
+            if not conv.weight.is_floating_point():
+                return f"the conv weight is {conv.weight.dtype}, not floating point"
+            return None
+
+        def linear_rank(node) -> str | None:
+            rank = view.rank(node)
+            if rank is None:
+                return "cannot prove the Linear's tensor is 2-D (BatchNorm1d on 3-D input normalises dim 1); " \
+                       "pass example_inputs"
+            return None if rank == 2 else f"the Linear's tensor is {rank}-D, BatchNorm normalises another dim"
+
+        def after_check(m) -> str | None:
+            conv, bn = view.conv(m["conv"]), view.bn(m["bn"])
+            reason = common(conv, bn)
+            if reason:
+                return reason
+            others = view.users_besides(conv.node, bn.node)
+            if others:
+                return f"the conv output is also used by {', '.join(others)}"
+            if conv.kind == "linear" and (reason := linear_rank(conv.node)):
+                return reason
+            out_ch = conv.weight.shape[1] * conv.groups if conv.transposed else conv.weight.shape[0]
+            if bn.mean.numel() != out_ch:
+                return f"BatchNorm has {bn.mean.numel()} channels, the conv produces {out_ch}"
+            return None
+
+        def after_rewrite(m) -> str | None:
+            conv, bn = view.conv(m["conv"]), view.bn(m["bn"])
+            s, t = bn_affine(bn)
+            w, b = km.fold_scale_after(f64(conv.weight), f64(conv.bias), s, t, transposed=conv.transposed,
+                                       groups=conv.groups)
+            shared = view.weight_shared_with(conv)
+            view.set_params(conv, w, b, copy_module=shared is not None)
+            bn.out.replace_all_uses_with(conv.node)
+            _erase(gm, bn)
+            return f"weight shared ({shared}); folded into a copy, the other users keep the original" if shared else None
+
+        def before_check(m) -> str | None:
+            conv, bn = view.conv(m["conv"]), view.bn(m["bn"])
+            reason = common(conv, bn)
+            if reason:
+                return reason
+            others = view.users_besides(bn.out, conv.node)
+            if others:
+                return f"the BatchNorm output is also used by {', '.join(others)}"
+            if conv.pads_with_zeros():
+                return ZERO_PAD_REASON
+            if conv.kind == "linear" and (reason := linear_rank(bn.out)):
+                return reason
+            in_ch = conv.weight.shape[1] * conv.groups
+            if bn.mean.numel() != in_ch:
+                return f"BatchNorm has {bn.mean.numel()} channels, the conv reads {in_ch}"
+            return None
+
+        def before_rewrite(m) -> str | None:
+            conv, bn = view.conv(m["conv"]), view.bn(m["bn"])
+            s, t = bn_affine(bn)
+            w, b = km.fold_scale_before(f64(conv.weight), f64(conv.bias), s, t, groups=conv.groups)
+            shared = view.weight_shared_with(conv)
+            view.set_params(conv, w, b, copy_module=shared is not None)
+            conv.node.update_arg(0, bn.node.args[0])
+            _erase(gm, bn)
+            return f"weight shared ({shared}); folded into a copy, the other users keep the original" if shared else None
+
+        def where(m) -> str:
+            return f"{view.describe(m['conv'])} + {view.describe(m['bn'])}"
+
+        rules = [Rule("conv->bn", Pattern("batch_norm", [Pattern(("conv", "conv_transpose", "linear"), bind="conv")],
+                                          bind="bn"), after_check, after_rewrite, where)]
+        if self.config["before"]:
+            rules.append(Rule("bn->conv", Pattern(("conv", "linear"), [Pattern("batch_norm", bind="bn")], bind="conv"),
+                              before_check, before_rewrite, where))
+        apply_rules(view, rules, ctx.report)
+        return view.finish() if ctx.report.modified else gm
+
+    # --- ONNX ---------------------------------------------------------------------------------------
+    def run_onnx(self, graph: Any, ctx: PassContext) -> None:
+        from lkfx.patterns.onnx import OnnxView
+
+        view = OnnxView(graph)
+        prepared: dict[int, Any] = {}  # BN node id -> what its check computed, reused by the rewrite
+
+        def f64(a):
+            return None if a is None else np.asarray(a, dtype=np.float64)
+
+        def bn_params(bn):
+            """(s, t) or a refusal reason."""
+            if int(bn.attrs.get("training_mode", 0)) == 1:
+                return "BatchNormalization has training_mode=1 (it normalises with batch statistics)"
+            if sum(1 for o in bn.outputs if o.name) > 1:
+                return "BatchNormalization's running-statistics outputs are used"
+            if int(bn.attrs.get("spatial", 1)) == 0:
+                return "BatchNormalization with spatial=0 (per-activation statistics) is not per-channel"
+            vals = [view.const(t) for t in bn.inputs[1:5]]
+            if any(v is None for v in vals):
+                return "BatchNormalization scale / bias / mean / var are not constants"
+            gamma, beta, mean, var = map(f64, vals)
+            if mean.ndim != 1:
+                return f"BatchNormalization statistics have shape {mean.shape}, not one value per channel"
+            return km.bn_scale_shift(mean, var, gamma, beta, float(bn.attrs.get("epsilon", 1e-5)))
+
+        def weights(conv):
+            """(W, b) as float64, or a refusal reason."""
+            w = view.const(conv.inputs[1])
+            bias_t = view.optional_input(conv, 2)
+            b = view.const(bias_t) if bias_t is not None else None
+            if w is None:
+                return "the weight is not a constant"
+            if bias_t is not None and b is None:
+                return "the bias is not a constant"
+            if not np.issubdtype(w.dtype, np.floating):
+                return f"the weight is {w.dtype}, not floating point"
+            return f64(w), f64(b), w.dtype
+
+        def prepare(m, between: Any):
+            """(s, t, W, b, dtype) for a match, or a refusal reason. `between` is the tensor BN and conv share."""
+            conv, bn = m["conv"], m["bn"]
+            for r in (bn_params(bn), weights(conv)):
+                if isinstance(r, str):
+                    return r
+            reader = bn if between is conv.outputs[0] else conv
+            others = view.users_besides(between, reader)
+            if others:
+                producer = conv.op if reader is bn else "BatchNormalization"
+                return f"the {producer} output is also used by {', '.join(others)}"
+            return (*bn_params(bn), *weights(conv))
+
+        def after_check(m) -> str | None:
+            data = prepared[id(m["bn"])] = prepare(m, m["conv"].outputs[0])
+            if isinstance(data, str):
+                return data
+            conv, (s, _, w, _, _) = m["conv"], data
+            if conv.op == "Gemm":
+                if w.ndim != 2:
+                    return "Gemm weight is not 2-D"
+                out_ch = w.shape[0] if conv.attrs.get("transB", 0) else w.shape[1]
+            elif conv.op == "ConvTranspose":
+                out_ch = w.shape[1] * int(conv.attrs.get("group", 1))
+            else:
+                out_ch = w.shape[0]
+            if s.shape[0] != out_ch:
+                return f"BatchNormalization has {s.shape[0]} channels, the {conv.op} produces {out_ch}"
+            return None
+
+        def after_rewrite(m) -> str | None:
+            conv, bn = m["conv"], m["bn"]
+            s, t, w, b, dtype = prepared.pop(id(bn))
+            if conv.op == "Gemm":
+                w, b = _gemm_after(conv, w, b, s, t)
+            else:
+                w, b = km.fold_scale_after(w, b, s, t, transposed=conv.op == "ConvTranspose",
+                                           groups=int(conv.attrs.get("group", 1)))
+            shared = _set_weights(view, conv, w, b, dtype)
+            view.bypass(bn, conv)
+            return f"weight shared with {', '.join(shared)}; folded into a copy" if shared else None
+
+        def before_check(m) -> str | None:
+            data = prepared[id(m["bn"])] = prepare(m, m["bn"].outputs[0])
+            if isinstance(data, str):
+                return data
+            conv, (s, _, w, _, _) = m["conv"], data
+            if _onnx_conv_pads(conv, w):
+                return ZERO_PAD_REASON
+            in_ch = w.shape[1] * int(conv.attrs.get("group", 1))
+            if s.shape[0] != in_ch:
+                return f"BatchNormalization has {s.shape[0]} channels, the Conv reads {in_ch}"
+            return None
+
+        def before_rewrite(m) -> str | None:
+            conv, bn = m["conv"], m["bn"]
+            s, t, w, b, dtype = prepared.pop(id(bn))
+            w, b = km.fold_scale_before(w, b, s, t, groups=int(conv.attrs.get("group", 1)))
+            shared = _set_weights(view, conv, w, b, dtype)
+            view.remove_passthrough(bn)
+            return f"weight shared with {', '.join(shared)}; folded into a copy" if shared else None
+
+        def where(m) -> str:
+            return f"{view.describe(m['conv'])} + {view.describe(m['bn'])}"
+
+        rules = [Rule("conv->bn", Pattern("BatchNormalization", [Pattern(("Conv", "ConvTranspose", "Gemm"), bind="conv")],
+                                          bind="bn"), after_check, after_rewrite, where)]
+        if self.config["before"]:
+            rules.append(Rule("bn->conv", Pattern("Conv", [Pattern("BatchNormalization", bind="bn")], bind="conv"),
+                              before_check, before_rewrite, where))
+        apply_rules(view, rules, ctx.report)
+        if ctx.report.modified:
+            view.finish()
+
+
+def _erase(gm: Any, bn: Any) -> None:
+    """Remove a folded BN: its output node, and for tuple-returning ATen ops the unused getitems too."""
+    for user in list(bn.node.users):
+        gm.graph.erase_node(user)
+    if bn.node is not bn.out or not bn.node.users:
+        gm.graph.erase_node(bn.node)
+
+
+def _gemm_after(gemm: Any, w: np.ndarray, c: np.ndarray | None, s: np.ndarray, t: np.ndarray):
+    """Y = alpha * A @ B + beta * C followed by s * Y + t  ->  Gemm(alpha=1, beta=1, B', C')."""
+    alpha, beta = float(gemm.attrs.get("alpha", 1.0)), float(gemm.attrs.get("beta", 1.0))
+    trans_b = int(gemm.attrs.get("transB", 0))
+    w2 = alpha * w * (s[:, None] if trans_b else s[None, :])
+    c2 = t if c is None else beta * c * s + t
+    gemm.attrs["alpha"], gemm.attrs["beta"] = 1.0, 1.0
+    return w2, c2
+
+
+def _onnx_conv_pads(conv: Any, w: np.ndarray) -> bool:
+    auto_pad = conv.attrs.get("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad == "VALID":
+        return False
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        return any(k > 1 for k in w.shape[2:])
+    return any(p != 0 for p in conv.attrs.get("pads", []))
+
+
+def _set_weights(view: Any, conv: Any, w: np.ndarray, b: np.ndarray, dtype: np.dtype) -> list[str]:
+    """Point `conv` at new weight and bias constants; return the other readers of its old weight."""
+    shared = view.shared_with(conv.inputs[1], conv)
+    view.replace_input(conv, 1, view.new_const(f"{conv.inputs[1].name}_bnfold", w.astype(dtype)))
+    view.replace_input(conv, 2, view.new_const(f"{conv.outputs[0].name}_bias", b.astype(dtype)))
+    return shared

@@ -56,11 +56,17 @@ def trace(model: nn.Module, leaf_modules: Iterable[type] = ()) -> fx.GraphModule
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
-    """Record `tensor_meta` (shape, dtype) on every node by running the example inputs."""
+    """Record `tensor_meta` (shape, dtype) on every node by running the example inputs.
+
+    Buffers are restored afterwards: a training-mode BatchNorm would otherwise update its running statistics.
+    """
     from torch.fx.passes.shape_prop import ShapeProp
 
+    saved = [(b, b.clone()) for b in gm.buffers()]
     with torch.no_grad():
         ShapeProp(gm).propagate(*example_inputs)
+        for b, value in saved:
+            b.copy_(value)
 
 
 def submodule_inputs(model: nn.Module, example_inputs: tuple) -> dict[str, tuple]:

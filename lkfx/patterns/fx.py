@@ -222,8 +222,9 @@ class FxView:
     def bn(self, node: fx.Node) -> BnInfo:
         if node.op == "call_module":
             m = self._modules[node.target]
-            return BnInfo(node, m, node, m.running_mean, m.running_var, m.weight, m.bias, m.eps,
-                          m.training or m.running_mean is None, False)
+            # track_running_stats=False leaves running_mean None: bn_refusal says so (it is not training mode)
+            return BnInfo(node, m, node, m.running_mean, m.running_var, m.weight, m.bias, m.eps, m.training,
+                          False)
         names = FUNCTIONS[node.target][1]
         tuple_out = FUNCTIONS[node.target][2]
         out, extra = node, False

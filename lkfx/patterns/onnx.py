@@ -105,7 +105,7 @@ class OnnxView:
         """Remove single-output `node`: `keep` (its producer) now writes `node`'s output tensor."""
         out = node.outputs[0]
         node.outputs.clear()
-        node.inputs.clear()
+        self._drop_inputs(node)
         keep.outputs[0] = out
         self._removed.add(id(node))
 
@@ -117,8 +117,15 @@ class OnnxView:
                 if t is out:
                     consumer.inputs[i] = src
         node.outputs.clear()
-        node.inputs.clear()
+        self._drop_inputs(node)
         self._removed.add(id(node))
+
+    def _drop_inputs(self, node: gs.Node) -> None:
+        """Disconnect `node`'s inputs; remember when that leaves a producer (Identity, Constant) unread."""
+        old = list(node.inputs)
+        node.inputs.clear()
+        if any(t.inputs and not t.outputs and t not in self.graph.outputs for t in old):
+            self._orphaned_producers = True
 
     def finish(self) -> None:
         """Drop removed nodes; run a full cleanup only when a rewrite may have left other dead nodes."""

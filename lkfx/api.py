@@ -52,7 +52,8 @@ def transform(
     """
     pass_objs = resolve_passes(passes)
     if _is_module(model):
-        out, report = _transform_module(model, pass_objs, example_inputs, inplace, check, tuple(leaf_modules), calib_data)
+        out, report = _transform_module(model, pass_objs, example_inputs, inplace, check, tuple(leaf_modules),
+                                        calib_data)
     elif _is_onnx(model):
         out, report = _transform_onnx(model, pass_objs, example_inputs, inplace, check, calib_data)
     else:
@@ -150,7 +151,20 @@ def _rewrite_children(module, prefix, run_all, inputs, leaf_modules, report) -> 
         new = run_all(gm, inputs.get(full), full)
         if sum(p.rewritten for p in report.passes) > before:
             new.training = child.training
+            _keep_attributes(child, new)
             setattr(module, name, new)
+
+
+def _keep_attributes(old, new) -> None:
+    """The parent's forward, which is not traced, may read plain attributes of the child it calls (timm's
+    EfficientVit reads ``self.attn.resolution``): give them to the GraphModule that replaces the child, listed
+    where GraphModule.__deepcopy__ restores them from."""
+    from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
+
+    keep = {k: v for k, v in vars(old).items() if not k.startswith("_") and not hasattr(new, k)}
+    new.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {}).update(keep)
+    for key, value in keep.items():
+        setattr(new, key, value)
 
 
 def _check_module(reference, result, example_inputs, tol, report) -> None:

@@ -61,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="a pass to run, repeatable, in order (see 'lkfx passes')")
     o.add_argument("--check", action="store_true", help="compare outputs in onnxruntime; on mismatch write nothing")
     o.add_argument("--report", metavar="FILE.json", help="write what each pass did as JSON")
-    o.add_argument("--calib-data", metavar="PATH", help="calibration inputs (.npz or folder of .npy) for passes that need them")
+    o.add_argument("--calib-data", metavar="PATH",
+                   help="calibration inputs (.npz or folder of .npy) for passes that need them")
     o.add_argument("-q", "--quiet", action="store_true", help="do not print the summary table")
     ls = sub.add_parser("passes", help="list passes and their options")
     ls.add_argument("--json", action="store_true", help="machine-readable output")

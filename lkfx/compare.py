@@ -15,7 +15,7 @@ def max_rel_error(ref: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> float
     if len(ref) != len(out):
         return float("inf")
     worst = 0.0
-    for r, o in zip(ref, out):
+    for r, o in zip(ref, out, strict=True):
         r, o = np.asarray(r), np.asarray(o)
         if r.shape != o.shape:
             return float("inf")

@@ -80,15 +80,21 @@ class Report:
 
     def __str__(self) -> str:
         rows = [("pass", "matched", "rewritten", "skipped", "seconds")]
-        rows += [(p.name, str(p.matched), str(p.rewritten), str(len(p.skipped)), f"{p.seconds:.3f}") for p in self.passes]
+        rows += [(p.name, str(p.matched), str(p.rewritten), str(len(p.skipped)), f"{p.seconds:.3f}")
+                 for p in self.passes]
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
         line = "  ".join("-" * w for w in widths)
-        fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+
+        def fmt(row: tuple[str, ...]) -> str:
+            cells = zip(row, widths, strict=True)
+            return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells))
+
         out = [f"lkfx report ({self.frontend})", fmt(rows[0]), line, *map(fmt, rows[1:])]
         for key in sorted(set(self.before) | set(self.after)):
             out.append(f"{key}: {self.before.get(key, '?')} -> {self.after.get(key, '?')}")
         if self.check is not None:
-            out.append(f"check: max relative error {self.check['max_rel_error']:.3g} (tolerance {self.check['tolerance']:g})")
+            c = self.check
+            out.append(f"check: max relative error {c['max_rel_error']:.3g} (tolerance {c['tolerance']:g})")
         for p in self.passes:
             for s in p.skipped:
                 out.append(f"  [{p.name}] skipped {s.where}: {s.reason}")

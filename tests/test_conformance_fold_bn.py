@@ -15,8 +15,9 @@ For each model of `zoo_models.ZOO`:
   falls back to rewriting the traceable submodules: their foldable BNs fold, outputs match, and the report
   names the submodule that cannot be traced.
 
-Known lkfx bugs are marked ``xfail(strict=True)``: the test turns red the day the bug is fixed, so the marker
-is removed then.
+timm's BatchNormAct2d traces to ``_assert(x.ndim == 4)`` + ``F.batch_norm``: the ``ndim`` read is a metadata read
+that must not block the fold; EfficientVit's parent forward reads plain attributes of a child that the fallback
+replaces. Both were bugs once and are covered here.
 """
 
 from __future__ import annotations
@@ -47,38 +48,6 @@ import lkfx.cli
 
 TOL = 1e-5
 ROOT = Path(__file__).resolve().parents[1]
-
-# timm's BatchNormAct2d.forward starts with `_assert(x.ndim == 4, ...)`: the traced graph reads
-# `conv_out.ndim` twice, and fold_bn counts those metadata reads as other users of the conv output, so it
-# refuses every fold.
-BNACT_BUG = ("lkfx bug: fold_bn refuses conv -> BatchNormAct2d because getattr(conv_out, 'ndim') from timm's "
-             "_assert counts as another user of the conv output")
-FX_XFAIL = {name: (BNACT_BUG, AssertionError) for name in (
-    "timm-repvgg_a0", "timm-mobileone_s0", "timm-ghostnet_100", "timm-efficientnet_b0", "timm-regnetx_002",
-    "timm-fastvit_t8")}
-
-
-# The fallback replaces a traced child by a GraphModule, which has none of the child's plain attributes; the
-# parent's untraced forward then fails on them (EfficientVit's LocalWindowAttention reads
-# self.attn.resolution).
-ATTR_BUG = ("lkfx bug: the per-submodule fallback replaces a child by a GraphModule without the child's "
-            "plain attributes, so the untraced parent's forward fails ('GraphModule' has no attribute "
-            "'resolution')")
-FALLBACK_XFAIL = {
-    "timm-mobilevitv2_050": (BNACT_BUG, AssertionError),
-    "timm-efficientvit_m0": (ATTR_BUG, AttributeError),
-}
-
-
-def _zoo_params(models: tuple[ZooModel, ...], xfail: dict[str, tuple[str, type]]) -> list:
-    def marks(spec):
-        if spec.id not in xfail:
-            return []
-        reason, raises = xfail[spec.id]
-        return [pytest.mark.xfail(reason=reason, raises=raises, strict=True)]
-
-    return [pytest.param(spec, id=spec.id, marks=marks(spec)) for spec in models]
-
 
 def rel_error(ref: torch.Tensor | np.ndarray, out: torch.Tensor | np.ndarray) -> float:
     ref, out = np.asarray(ref, dtype=np.float64), np.asarray(out, dtype=np.float64)
@@ -276,7 +245,7 @@ def check_fx_result(model: nn.Module, x: torch.Tensor) -> tuple[fx.GraphModule, 
 
 
 # --- FX over the zoo ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("spec", _zoo_params(ZOO, FX_XFAIL))
+@pytest.mark.parametrize("spec", [pytest.param(s, id=s.id) for s in ZOO])
 def test_fx_zoo(spec: ZooModel) -> None:
     model, x = build(spec), example_input()
     _, report = check_fx_result(model, x)
@@ -379,7 +348,7 @@ def _exported(spec: ZooModel, folder: Path) -> tuple[Path, np.ndarray]:
     return src, x.numpy()
 
 
-@pytest.mark.parametrize("spec", _zoo_params(ZOO, {}))
+@pytest.mark.parametrize("spec", [pytest.param(s, id=s.id) for s in ZOO])
 def test_onnx_cli_zoo(spec: ZooModel, tmp_path: Path) -> None:
     src, x = _exported(spec, tmp_path)
     dst, report = tmp_path / "out.onnx", tmp_path / "report.json"
@@ -515,15 +484,12 @@ def test_untraceable_falls_back_to_submodules() -> None:
             assert rel_error(model(inp), result(inp)) <= TOL
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="lkfx bug: lkfx.graph.fx.trace pops its module stack in a `finally` before the "
-                          "error is caught, so the message says 'in the top-level forward', not the module")
 def test_untraceable_reason_names_the_module() -> None:
     _, _, _, report = _untraceable_run()
     top = [n for n in report.notes if "cannot trace _Untraceable" in n]
     assert len(top) == 1 and "in stage.1" in top[0], report.notes
 
 
-@pytest.mark.parametrize("spec", _zoo_params(UNTRACEABLE, FALLBACK_XFAIL))
+@pytest.mark.parametrize("spec", [pytest.param(s, id=s.id) for s in UNTRACEABLE])
 def test_untraceable_zoo_falls_back(spec: ZooModel) -> None:
     check_fallback(build(spec), example_input())

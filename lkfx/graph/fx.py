@@ -7,6 +7,7 @@ model cannot be traced.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -27,11 +28,11 @@ class _Tracer(fx.Tracer):
         return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
+        # Popped only on success: when tracing fails, the stack still ends with the module that failed.
         self.stack.append(self.path_of_module(m))
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        finally:
-            self.stack.pop()
+        out = super().call_module(m, forward, args, kwargs)
+        self.stack.pop()
+        return out
 
 
 class TraceError(LkfxError):
@@ -62,22 +63,32 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     """
     from torch.fx.passes.shape_prop import ShapeProp
 
-    saved = [(b, b.clone()) for b in gm.buffers()]
-    with torch.no_grad():
+    with _buffers_restored(gm):
         ShapeProp(gm).propagate(*example_inputs)
-        for b, value in saved:
-            b.copy_(value)
+
+
+@contextlib.contextmanager
+def _buffers_restored(model: nn.Module):
+    """Run `model` without gradients and put every buffer back afterwards (BN running statistics, counters)."""
+    saved = [(b, b.clone()) for b in model.buffers()]
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
 
 
 def submodule_inputs(model: nn.Module, example_inputs: tuple) -> dict[str, tuple]:
-    """Positional inputs each submodule received in one forward pass (first call only)."""
+    """Positional inputs each submodule received in one forward pass (first call only); buffers are restored."""
     seen: dict[str, tuple] = {}
     hooks = []
     for name, m in model.named_modules():
         if name:
             hooks.append(m.register_forward_pre_hook(lambda mod, args, name=name: seen.setdefault(name, args)))
     try:
-        with torch.no_grad():
+        with _buffers_restored(model):
             model(*example_inputs)
     finally:
         for h in hooks:
@@ -93,7 +104,8 @@ def stats(model: nn.Module) -> dict[str, Any]:
 def flat_outputs(value: Any) -> list:
     """Tensors of a (nested) model output as numpy arrays, in a fixed order."""
     if isinstance(value, torch.Tensor):
-        return [value.detach().float().cpu().numpy() if value.dtype in (torch.bfloat16,) else value.detach().cpu().numpy()]
+        value = value.detach().cpu()
+        return [(value.float() if value.dtype == torch.bfloat16 else value).numpy()]
     if isinstance(value, dict):
         return [a for k in sorted(value, key=str) for a in flat_outputs(value[k])]
     if isinstance(value, (list, tuple)):

@@ -45,9 +45,13 @@ def get_pass(name: str) -> type[Pass]:
     return reg[name]
 
 
+def _is_spec_tuple(item: Any) -> bool:
+    return isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], dict)
+
+
 def resolve_passes(passes: Iterable[Any]) -> list[Pass]:
     """Turn names, (name, {options}) tuples and Pass objects into Pass objects."""
-    if isinstance(passes, (str, Pass)) or (isinstance(passes, tuple) and len(passes) == 2 and isinstance(passes[1], dict)):
+    if isinstance(passes, (str, Pass)) or _is_spec_tuple(passes):
         passes = [passes]
     out = []
     for item in passes:
@@ -55,7 +59,7 @@ def resolve_passes(passes: Iterable[Any]) -> list[Pass]:
             out.append(item)
         elif isinstance(item, str):
             out.append(get_pass(item)())
-        elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], dict):
+        elif _is_spec_tuple(item):
             out.append(get_pass(item[0])(**item[1]))
         else:
             raise LkfxError(f"cannot use {item!r} as a pass; give a name ('fold_bn'), a (name, {{options}}) tuple "

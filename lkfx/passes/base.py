@@ -48,7 +48,8 @@ class Pass:
             default = self.options[key]
             if isinstance(default, bool) and not isinstance(value, bool):
                 raise LkfxError(f"option '{key}' of pass '{self.name}' must be true or false, got {value!r}")
-            if isinstance(default, (int, float)) and not isinstance(default, bool) and not isinstance(value, (int, float)):
+            numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+            if numeric and not isinstance(value, (int, float)):
                 raise LkfxError(f"option '{key}' of pass '{self.name}' must be a number, got {value!r}")
         self.config: dict[str, Any] = {**self.options, **options}
 

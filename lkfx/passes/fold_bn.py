@@ -99,7 +99,7 @@ class FoldBN(Pass):
             view.set_params(conv, w, b, copy_module=shared is not None)
             bn.out.replace_all_uses_with(conv.node)
             _erase(gm, bn)
-            return f"weight shared ({shared}); folded into a copy, the other users keep the original" if shared else None
+            return _shared_note(shared)
 
         def before_check(m) -> str | None:
             conv, bn = view.conv(m["conv"]), view.bn(m["bn"])
@@ -125,8 +125,9 @@ class FoldBN(Pass):
             shared = view.weight_shared_with(conv)
             view.set_params(conv, w, b, copy_module=shared is not None)
             conv.node.update_arg(0, bn.node.args[0])
+            bn.out.replace_all_uses_with(bn.node.args[0])  # metadata reads (x.shape): same shape
             _erase(gm, bn)
-            return f"weight shared ({shared}); folded into a copy, the other users keep the original" if shared else None
+            return _shared_note(shared)
 
         def where(m) -> str:
             return f"{view.describe(m['conv'])} + {view.describe(m['bn'])}"
@@ -218,7 +219,7 @@ class FoldBN(Pass):
                                            groups=int(conv.attrs.get("group", 1)))
             shared = _set_weights(view, conv, w, b, dtype)
             view.bypass(bn, conv)
-            return f"weight shared with {', '.join(shared)}; folded into a copy" if shared else None
+            return _shared_note("also read by " + ", ".join(shared) if shared else None)
 
         def before_check(m) -> str | None:
             data = prepared[id(m["bn"])] = prepare(m, m["bn"].outputs[0])
@@ -238,19 +239,24 @@ class FoldBN(Pass):
             w, b = km.fold_scale_before(w, b, s, t, groups=int(conv.attrs.get("group", 1)))
             shared = _set_weights(view, conv, w, b, dtype)
             view.remove_passthrough(bn)
-            return f"weight shared with {', '.join(shared)}; folded into a copy" if shared else None
+            return _shared_note("also read by " + ", ".join(shared) if shared else None)
 
         def where(m) -> str:
             return f"{view.describe(m['conv'])} + {view.describe(m['bn'])}"
 
-        rules = [Rule("conv->bn", Pattern("BatchNormalization", [Pattern(("Conv", "ConvTranspose", "Gemm"), bind="conv")],
-                                          bind="bn"), after_check, after_rewrite, where)]
+        producer = Pattern(("Conv", "ConvTranspose", "Gemm"), bind="conv")
+        rules = [Rule("conv->bn", Pattern("BatchNormalization", [producer], bind="bn"), after_check, after_rewrite,
+                      where)]
         if self.config["before"]:
             rules.append(Rule("bn->conv", Pattern("Conv", [Pattern("BatchNormalization", bind="bn")], bind="conv"),
                               before_check, before_rewrite, where))
         apply_rules(view, rules, ctx.report)
         if ctx.report.modified:
             view.finish()
+
+
+def _shared_note(shared: str | None) -> str | None:
+    return f"weight shared ({shared}); folded into a copy, the other users keep the original" if shared else None
 
 
 def _erase(gm: Any, bn: Any) -> None:

@@ -59,6 +59,17 @@ MODULES: dict[type, str] = {
 }
 
 
+_METADATA_ATTRS = frozenset({"shape", "ndim", "dtype", "device"})
+
+
+def is_metadata_read(node: fx.Node) -> bool:
+    """``x.shape`` / ``x.ndim`` / ``x.size()`` / ``x.dim()``: reads no values, so a rewrite that keeps the
+    shape (a fold) may ignore it. timm's BatchNormAct2d starts with ``_assert(x.ndim == 4)``: one of these."""
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in _METADATA_ATTRS
+    return node.op == "call_method" and node.target in ("size", "dim")
+
+
 def module_kind(module: nn.Module) -> str | None:
     """Kind of a module, or None when it is unknown or a subclass that overrides ``forward``."""
     for base in type(module).__mro__:
@@ -269,8 +280,10 @@ class FxView:
         return None
 
     def users_besides(self, node: fx.Node, allowed: fx.Node) -> list[str]:
-        """Names of nodes other than `allowed` that use `node`'s output ('output' for a graph output)."""
-        return [("graph output" if u.op == "output" else self.describe(u)) for u in node.users if u is not allowed]
+        """Names of nodes other than `allowed` that read `node`'s values ('graph output' for a graph output).
+        Metadata reads (shape, ndim, dtype, size(), dim()) are not counted: a fold keeps the shape."""
+        return [("graph output" if u.op == "output" else self.describe(u)) for u in node.users
+                if u is not allowed and not is_metadata_read(u)]
 
     # --- rewriting ----------------------------------------------------------------------------------
     def _fresh_name(self, hint: str) -> str:

@@ -64,9 +64,10 @@ class OnnxView:
         return None
 
     def optional_input(self, node: gs.Node, index: int) -> gs.Tensor | None:
-        if index < len(node.inputs) and not (isinstance(node.inputs[index], gs.Variable) and node.inputs[index].name == ""):
-            return node.inputs[index]
-        return None
+        if index >= len(node.inputs):
+            return None
+        t = node.inputs[index]
+        return None if isinstance(t, gs.Variable) and t.name == "" else t
 
     def users_besides(self, tensor: gs.Tensor, allowed: gs.Node) -> list[str]:
         users = [self.describe(n) for n in tensor.outputs if n is not allowed]

@@ -264,7 +264,7 @@ def test_shared_weight_is_folded_into_a_copy(through_identity, both_have_bn):
     out, pr = fold_onnx(model)
     n = 2 if both_have_bn else 1
     check_folded(model, out, pr, n=n)
-    assert any("weight shared with conv2; folded into a copy" in note for note in pr.notes), pr.notes
+    assert any("weight shared (also read by conv2); folded into a copy" in note for note in pr.notes), pr.notes
     assert "Identity" not in op_types(out)
     if not both_have_bn:
         conv2 = next(node for node in out.graph.node if node.name == "conv2")

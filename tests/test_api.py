@@ -186,3 +186,30 @@ def test_onnx_path_does_not_import_torch(tmp_path):
     code = (f"import sys, lkfx; lkfx.transform({str(path)!r}, ['fold_bn'], check=True); "
             "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _with_initializers_as_inputs(ir_version: int) -> onnx.ModelProto:
+    model = conv_bn_chain(n=2)
+    model.ir_version = ir_version
+    if ir_version < 4:
+        del model.opset_import[:]
+        model.opset_import.extend([onnx.helper.make_opsetid("", 8)])
+    model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                             for t in model.graph.initializer)
+    return model
+
+
+def test_old_ir_initializers_as_inputs_fold_and_stay_valid():
+    model = _with_initializers_as_inputs(3)
+    out = lkfx.transform(model, ["fold_bn"], check=True)
+    onnx.checker.check_model(out)
+    assert count(out, "BatchNormalization") == 0
+    assert {t.name for t in out.graph.initializer} <= {i.name for i in out.graph.input}
+
+
+def test_overridable_initializers_are_not_folded():
+    model = _with_initializers_as_inputs(8)
+    out, report = lkfx.transform(model, ["fold_bn"], check=True, return_report=True)
+    assert count(out, "BatchNormalization") == 2 and report["fold_bn"].rewritten == 0
+    assert all("not constants" in s.reason or "not a constant" in s.reason for s in report["fold_bn"].skipped)
+    assert {i.name for i in out.graph.input} == {i.name for i in model.graph.input}

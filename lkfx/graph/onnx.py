@@ -86,12 +86,30 @@ def validate(model: onnx.ModelProto) -> None:
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
-    return gs.import_onnx(model)
+    """Import into onnx-graphsurgeon. `graph.lkfx_overridable` names initializers that are also graph inputs
+    (IR >= 4: the caller may feed other values), which passes must not treat as constants."""
+    graph = gs.import_onnx(model)
+    graph.lkfx_overridable = _initializer_inputs(model) if model.ir_version >= 4 else frozenset()
+    return graph
+
+
+def _initializer_inputs(model: onnx.ModelProto) -> frozenset[str]:
+    inits = {t.name for t in model.graph.initializer}
+    return frozenset(i.name for i in model.graph.input if i.name in inits)
 
 
 def from_graph(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     """Export `graph` keeping the original model's opsets, IR version and metadata."""
     out = gs.export_onnx(graph, do_type_check=False)
+    # graphsurgeon drops initializers from the graph inputs; put back those the original listed (IR < 4 requires
+    # every initializer to be an input; IR >= 4 uses it to mark overridable values)
+    listed = {i.name for i in out.graph.input}
+    if like.ir_version < 4:
+        out.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                               for t in out.graph.initializer if t.name not in listed)
+    else:
+        kept = {t.name for t in out.graph.initializer}
+        out.graph.input.extend(i for i in like.graph.input if i.name in _initializer_inputs(like) & kept - listed)
     out.ir_version = like.ir_version
     del out.opset_import[:]
     out.opset_import.extend(like.opset_import)

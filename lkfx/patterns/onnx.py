@@ -17,6 +17,7 @@ from onnx import numpy_helper
 class OnnxView:
     def __init__(self, graph: gs.Graph):
         self.graph = graph
+        self._overridable = getattr(graph, "lkfx_overridable", frozenset())
         self._index: dict[str, list[gs.Node]] = defaultdict(list)
         for node in graph.nodes:
             self._index[self.kind(node)].append(node)
@@ -49,6 +50,8 @@ class OnnxView:
     def const(self, tensor: gs.Tensor | None) -> np.ndarray | None:
         """The value of a constant tensor (through Constant / Identity nodes), else None."""
         while tensor is not None:
+            if tensor.name in self._overridable:
+                return None
             if isinstance(tensor, gs.Constant):
                 return np.asarray(tensor.values)
             if len(tensor.inputs) != 1:

@@ -1,7 +1,7 @@
 """Weight arithmetic shared by the torch.fx and ONNX frontends.
 
-Every function works on numpy arrays and torch tensors alike (only `*`, `+`, `**`, `reshape` and `sum` are
-used), so each formula exists once. Callers pass float64 values and cast the result back.
+Every function works on numpy arrays and torch tensors alike (only `*`, `+`, `**`, `reshape`, `sum` and slice
+assignment into zeros are used), so each formula exists once. Callers pass float64 values and cast the result back.
 
 BatchNorm at inference is a per-channel affine map ``bn(y) = s * y + t`` with::
 
@@ -67,3 +67,48 @@ def fold_scale_before(w: Array, b: Array | None, s: Array, t: Array, *, groups: 
     shift = (wg * t.reshape((groups, 1, cin_g) + one)).sum(axis=tuple(range(2, 3 + len(ks)))).reshape((cout,))
     b2 = shift if b is None else b + shift
     return w2, b2
+
+
+# --- kernels of different shapes: dilation, placement, identity --------------------------------------------
+#
+# A conv tap i (per spatial dim) with dilation d and begin-padding p reads input position ``out*stride + i*d - p``.
+# Inserting d - 1 zeros between the taps gives a dense kernel of size (k - 1) d + 1 whose tap j reads
+# ``out*stride + j - p``: the same conv with dilation 1. A kernel placed at `offset` inside a larger zero kernel
+# with begin-padding P reads ``out*stride + (j + offset) - P``: unchanged when ``offset = P - p``.
+
+
+def _zeros(like: Array, shape: tuple[int, ...]) -> Array:
+    if hasattr(like, "new_zeros"):  # torch
+        return like.new_zeros(shape)
+    import numpy as np
+
+    return np.zeros(shape, dtype=like.dtype)
+
+
+def dilate_kernel(w: Array, dilation: tuple[int, ...]) -> Array:
+    """The dense kernel equal to `w` applied with `dilation` (zeros between the taps); dilation 1 returns `w`."""
+    ks = tuple(w.shape[2:])
+    if all(d == 1 for d in dilation):
+        return w
+    out = _zeros(w, tuple(w.shape[:2]) + tuple((k - 1) * d + 1 for k, d in zip(ks, dilation, strict=True)))
+    out[(slice(None), slice(None)) + tuple(slice(None, None, d) for d in dilation)] = w
+    return out
+
+
+def place_kernel(w: Array, size: tuple[int, ...], offset: tuple[int, ...]) -> Array:
+    """`w` zero-padded into a kernel of spatial `size`, its first tap at `offset` (per spatial dim)."""
+    ks = tuple(w.shape[2:])
+    if any(o < 0 or o + k > s for o, k, s in zip(offset, ks, size, strict=True)):
+        raise ValueError(f"a {ks} kernel at offset {offset} does not fit in {size}")
+    out = _zeros(w, tuple(w.shape[:2]) + tuple(size))
+    out[(slice(None), slice(None)) + tuple(slice(o, o + k) for o, k in zip(offset, ks, strict=True))] = w
+    return out
+
+
+def identity_kernel(channels: int, groups: int, size: tuple[int, ...], center: tuple[int, ...], like: Array) -> Array:
+    """The conv weight (channels, channels/groups, *size) computing y = x: output channel o reads its own input
+    channel, which is index ``o % (channels/groups)`` inside its group, with a single 1 at tap `center`."""
+    cin_g = channels // groups
+    out = _zeros(like, (channels, cin_g) + tuple(size))
+    out[(list(range(channels)), [o % cin_g for o in range(channels)]) + tuple(center)] = 1
+    return out

@@ -182,15 +182,16 @@ class FoldBN(Pass):
         def prepare(m, between: Any):
             """(s, t, W, b, dtype) for a match, or a refusal reason. `between` is the tensor BN and conv share."""
             conv, bn = m["conv"], m["bn"]
-            for r in (bn_params(bn), weights(conv)):
-                if isinstance(r, str):
-                    return r
             reader = bn if between is conv.outputs[0] else conv
             others = view.users_besides(between, reader)
             if others:
                 producer = conv.op if reader is bn else "BatchNormalization"
                 return f"the {producer} output is also used by {', '.join(others)}"
-            return (*bn_params(bn), *weights(conv))
+            affine, params = bn_params(bn), weights(conv)
+            for r in (affine, params):
+                if isinstance(r, str):
+                    return r
+            return (*affine, *params)
 
         def after_check(m) -> str | None:
             data = prepared[id(m["bn"])] = prepare(m, m["conv"].outputs[0])

@@ -109,8 +109,8 @@ class OnnxView:
         """Remove single-output `node`: `keep` (its producer) now writes `node`'s output tensor."""
         out = node.outputs[0]
         node.outputs.clear()
+        keep.outputs[0] = out  # first, so `keep`'s old output tensor has no producer when the inputs are dropped
         self._drop_inputs(node)
-        keep.outputs[0] = out
         self._removed.add(id(node))
 
     def remove_passthrough(self, node: gs.Node) -> None:

@@ -110,6 +110,7 @@ def _transform_module(model, passes, example_inputs, inplace, check, leaf_module
         raise LkfxError("check=True on an nn.Module needs example_inputs=(tensor, ...) to run both models")
     reference = copy.deepcopy(model) if (check and inplace) else model
     work = model if inplace else copy.deepcopy(model)
+    leaf_modules = (*leaf_modules, *(t for p in passes for t in p.fx_leaf_modules(work)))
     report = Report("fx", before=gfx.stats(model))
 
     def run_all(gm, inputs, where):

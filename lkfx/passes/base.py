@@ -57,6 +57,10 @@ class Pass:
     def frontends(cls) -> tuple[str, ...]:
         return tuple(f for f in FRONTENDS if getattr(cls, f"run_{f}") is not getattr(Pass, f"run_{f}"))
 
+    def fx_leaf_modules(self, model: Any) -> tuple[type, ...]:
+        """Module types of `model` that torch.fx must keep whole (one call_module node) for this pass."""
+        return ()
+
     def run_fx(self, gm: Any, ctx: PassContext) -> Any:
         raise NotImplementedError
 

@@ -227,6 +227,21 @@ class FxView:
                         pad if isinstance(pad, str) else _tuple(pad, nd),
                         _tuple(self.arg(node, "dilation"), nd), int(self.arg(node, "groups")), "zeros")
 
+    def computed_conv_args(self, node: fx.Node) -> list[str]:
+        """Which of a functional conv's stride / padding / dilation / groups are computed in the graph (e.g.
+        ``groups=x.shape[1]``): `conv` cannot read those, so check this first."""
+        if node.op != "call_function":
+            return []
+        names = FUNCTIONS[node.target][1]
+        out = []
+        for name in ("stride", "padding", "dilation", "groups"):
+            found: list[fx.Node] = []
+            if name in names:
+                fx.node.map_arg(self.arg(node, name), found.append)
+            if found:
+                out.append(name)
+        return out
+
     def bias_is_computed(self, info: ConvInfo) -> bool:
         return info.module is None and self.arg(info.node, "bias") is not None and info.bias is None
 

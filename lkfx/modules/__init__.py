@@ -1,0 +1,1 @@
+"""nn.Modules that lkfx passes insert into models (reparameterisable large-kernel blocks, ...)."""

@@ -387,3 +387,20 @@ def test_second_run_changes_nothing():
     out, _ = merge(model, torch.randn(2, 3, 8, 8))
     _, again = merge(out, torch.randn(2, 3, 8, 8))
     assert (again.matched, again.rewritten) == (0, 0)
+
+
+def test_identity_that_is_itself_a_conv_output():
+    """The shared input of the branches may come from a conv: it is an identity branch, not a branch of its own."""
+
+    class AfterConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = nn.Conv2d(3, 4, 3, padding=1)
+            self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            y = self.first(x)
+            return self.a(y) + self.b(y) + y
+
+    out, pr = check_merged(build(AfterConv()), torch.randn(2, 3, 8, 8), convs=2)
+    assert pr.notes == ["merged a, b, identity first into reparam_conv (3x3)"]

@@ -253,3 +253,15 @@ def test_refuses_training_mode_bn():
 def test_refuses_branch_output_used_elsewhere():
     model = branches_model(4, 4, [{"k": 3, "pads": [1] * 4}, {"k": 1}], extra_outputs=("t0",))
     check_refused(model, "t0 is also read by")
+
+
+def test_identity_that_is_itself_a_conv_output():
+    """After fold_bn the shared input is often a Conv's output: it joins as an identity, not as a branch."""
+    model = branches_model(4, 4, [{"k": 3, "pads": [1] * 4}, {"k": 1}], identity="plain", bn=False)
+    g = model.graph
+    g.initializer.append(init("W_first", rand(np.random.default_rng(9), 4, 4, 1, 1)))
+    for node in g.node:
+        node.input[:] = ["x0" if i == "x" else i for i in node.input]
+    g.node.insert(0, helper.make_node("Conv", ["x", "W_first"], ["x0"], name="first"))
+    out, pr = check_merged(model, convs=2)
+    assert pr.notes == ["merged conv0, conv1, identity first into conv0_reparam_conv (3x3)"]

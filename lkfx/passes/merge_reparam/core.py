@@ -69,24 +69,26 @@ class Merged:
 def group_terms(terms: list[Term]) -> tuple[list[list[Term]], list[Term]]:
     """Groups of terms that read the same tensor, each with a conv and at least two terms; and the rest.
 
-    Convs group by their input. A term that *is* a group's input joins it as an identity; a BN-only term joins
-    the group of its input as a BN identity. Constants are left in the rest (the caller may add them to a bias).
+    Convs group by their input. A term that *is* a group's input joins it as an identity (even when it is a
+    conv's output itself: that output has another reader, the group's conv, so it could not merge as a branch);
+    a BN-only term joins the group of its input as a BN identity. Constants are left in the rest (the caller may
+    add them to a bias).
     """
+    keys = {id(t.key) for t in terms if t.kind == "conv"}
+    identity = {id(t) for t in terms if t.kind != "const" and id(t.value) in keys}
     groups: dict[int, list[Term]] = {}
     for t in terms:
-        if t.kind == "conv":
+        if t.kind == "conv" and id(t) not in identity:
             groups.setdefault(id(t.key), []).append(t)
     rest = []
     for t in terms:
-        if t.kind == "conv":
-            continue
-        if t.kind in ("bn", "plain") and id(t.value) in groups:
+        if id(t) in identity and id(t.value) in groups:
             where = f"identity {t.where}"
             groups[id(t.value)].append(Term(t.value, "plain", where, t.value, Branch(where), (), t.factors,
                                             factor_args=t.factor_args))
-        elif t.kind == "bn" and id(t.key) in groups:
+        elif t.kind == "bn" and id(t) not in identity and id(t.key) in groups:
             groups[id(t.key)].append(t)
-        else:
+        elif t.kind != "conv" or id(t) in identity:
             rest.append(t)
     merged = [g for g in groups.values() if len(g) > 1]
     rest += [t for g in groups.values() if len(g) == 1 for t in g]

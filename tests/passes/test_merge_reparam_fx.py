@@ -404,3 +404,38 @@ def test_identity_that_is_itself_a_conv_output():
 
     out, pr = check_merged(build(AfterConv()), torch.randn(2, 3, 8, 8), convs=2)
     assert pr.notes == ["merged a, b, identity first into reparam_conv (3x3)"]
+
+
+def test_block_called_twice_is_converted_once_and_inlined_at_both_calls():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = ReparamLargeKernelConv(4, 9)
+
+        def forward(self, x):
+            return self.block(self.block(x).relu())
+
+    model = build(Twice())
+    out, pr = check_merged(model, torch.randn(2, 4, 10, 10))
+    assert [n.target for n in out.graph.nodes if n.op == "call_module"] == ["block.reparam_conv"] * 2
+
+
+def test_already_deployed_block_is_not_counted():
+    block = build(ReparamLargeKernelConv(8, 7))
+    block.reparameterize()
+    out, pr = merge(build(Net(block)), torch.randn(2, 3, 8, 8))
+    assert (pr.matched, pr.rewritten, pr.skipped) == (0, 0, [])
+    assert isinstance(out.get_submodule("block.reparam_conv"), nn.Conv2d)
+
+
+def test_a_submodule_named_fuse_is_no_deploy_method():
+    class Fusion(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fuse = nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            return self.fuse(x)
+
+    out, pr = merge(build(Net(Fusion())), torch.randn(2, 3, 8, 8))
+    assert (pr.matched, pr.skipped) == (0, [])

@@ -15,6 +15,7 @@ Generic rule: see the package docstring. Merged convs become a new ``nn.ConvNd``
 from __future__ import annotations
 
 import copy
+import inspect
 import operator
 from typing import Any
 
@@ -42,7 +43,8 @@ _LINEAR = {
 
 
 def protocol_method(module: nn.Module) -> str | None:
-    return next((name for name in PROTOCOL if callable(getattr(module, name, None))), None)
+    """The first deploy method the module's class defines (a method, not e.g. a submodule named ``fuse``)."""
+    return next((name for name in PROTOCOL if inspect.isfunction(getattr(type(module), name, None))), None)
 
 
 def leaf_types(model: nn.Module) -> tuple[type, ...]:
@@ -82,23 +84,25 @@ def _deploy(module: nn.Module) -> nn.Module | str:
     return f"its {protocol_method(module)}() raised {type(error).__name__}: {error}"
 
 
-def _inline(gm: fx.GraphModule, node: fx.Node, sub: fx.GraphModule) -> bool:
-    """Replace call_module `node` by the nodes of `sub` (traced from the module at node.target)."""
+def _inlinable(node: fx.Node, sub: fx.GraphModule) -> bool:
     placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
     output = next(n for n in sub.graph.nodes if n.op == "output")
     names = {p.target for p in placeholders}
     if len(node.args) > len(placeholders) or set(node.kwargs) - names or not isinstance(output.args[0], fx.Node):
         return False
+    given = len(node.args)
+    return all(i < given or ph.target in node.kwargs or ph.args for i, ph in enumerate(placeholders))
+
+
+def _inline(gm: fx.GraphModule, node: fx.Node, sub: fx.GraphModule) -> None:
+    """Replace call_module `node` by the nodes of `sub` (traced from the module at node.target); `_inlinable`."""
     env: dict[fx.Node, Any] = {}
-    for i, ph in enumerate(placeholders):
+    for i, ph in enumerate(n for n in sub.graph.nodes if n.op == "placeholder"):
         if i < len(node.args):
             env[ph] = node.args[i]
-        elif ph.target in node.kwargs:
-            env[ph] = node.kwargs[ph.target]
-        elif ph.args:
-            env[ph] = ph.args[0]  # the forward's default value
         else:
-            return False
+            env[ph] = node.kwargs[ph.target] if ph.target in node.kwargs else ph.args[0]  # the default
+    output = next(n for n in sub.graph.nodes if n.op == "output")
     with gm.graph.inserting_before(node):
         for n in sub.graph.nodes:
             if n.op in ("placeholder", "output"):
@@ -110,55 +114,64 @@ def _inline(gm: fx.GraphModule, node: fx.Node, sub: fx.GraphModule) -> bool:
             env[n] = new
     node.replace_all_uses_with(env[output.args[0]])
     gm.graph.erase_node(node)
-    return True
 
 
-def _install(gm: fx.GraphModule, node: fx.Node, module: nn.Module) -> str | None:
-    """Put `module` at node.target and inline its traced graph; a note when it stays a call_module.
+def _install(gm: fx.GraphModule, nodes: list[fx.Node], module: nn.Module) -> str | None:
+    """Put `module` at the target of the call_module `nodes` and inline its traced graph at each of them; a note
+    when it stays a call_module.
 
     Once inlined, a plain container holding what the graph reads (the traced GraphModule's children, parameters
     and buffers) takes the block's place, so no half-converted block object stays in the model."""
-    gm.add_submodule(node.target, module)
-    if module_kind(module) is not None or fx.Tracer().is_leaf_module(module, node.target):
+    target = nodes[0].target
+    gm.add_submodule(target, module)
+    if module_kind(module) is not None or fx.Tracer().is_leaf_module(module, target):
         return None
     try:
         sub = gfx.trace(module)
     except gfx.TraceError as e:
         return f"kept as one module ({e})"
-    if not _inline(gm, node, sub):
+    if not all(_inlinable(node, sub) for node in nodes):
         return "kept as one module (its forward's signature cannot be inlined)"
+    for node in nodes:
+        _inline(gm, node, sub)
     holder = nn.Module()
     holder._modules.update(sub._modules)
     holder._parameters.update(sub._parameters)
     holder._buffers.update(sub._buffers)
-    gm.add_submodule(node.target, holder)
+    gm.add_submodule(target, holder)
     return None
 
 
+def _unchanged(before: nn.Module, after: nn.Module) -> bool:
+    """Whether a conversion left the module as it was (a block already in deploy form)."""
+    a, b = before.state_dict(), after.state_dict()
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def merge_modules(gm: fx.GraphModule, report: PassReport) -> bool:
-    """Convert every call_module block that has a deploy method. Returns whether the graph changed."""
-    changed = False
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module":
-            continue
-        module = gm.get_submodule(node.target)
+    """Convert every call_module block that has a deploy method (once per module, inlined at every call).
+    Returns whether the graph changed."""
+    calls: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and protocol_method(gm.get_submodule(node.target)) is not None:
+            calls.setdefault(node.target, []).append(node)
+    for target, nodes in calls.items():
+        module = gm.get_submodule(target)
         method = protocol_method(module)
-        if method is None:
-            continue
-        where = f"{node.target} ({type(module).__name__})"
-        report.matched += 1
+        where = f"{target} ({type(module).__name__})"
         deployed = _deploy(module)
         if isinstance(deployed, str):
+            report.matched += 1
             report.skip(where, f"module {method}(): {deployed}")
             deployed = module
-        else:
+        elif not _unchanged(module, deployed):
+            report.matched += 1
             report.rewritten += 1
             report.note(f"{where}: merged by its own {method}()")
-        note = _install(gm, node, deployed)
+        note = _install(gm, nodes, deployed)
         if note:
             report.note(f"{where}: {note}")
-        changed = True
-    return changed
+    return bool(calls)
 
 
 # --- generic rule -----------------------------------------------------------------------------------------
@@ -286,7 +299,7 @@ class _Rule:
             src, inner = self.strip(bn.args[0])
             if self.view.kind(src) == "conv" and len(_data_users(src)) == 1:
                 branch = self.conv_branch(src, bn) if removable else self.used_elsewhere(node)
-                return Term(node, "conv", self.view.describe(src), self.strip(src.args[0])[0], branch,
+                return Term(node, "conv", self.view.describe(src), self.conv_input(src), branch,
                             (*chain, node, bn, *inner, src), factors, factor_args=args)
             branch = self.bn_affine(bn) if removable else self.used_elsewhere(node)
             if not isinstance(branch, str):
@@ -294,9 +307,13 @@ class _Rule:
             return Term(node, "bn", where, src, branch, (*chain, node, bn), factors, factor_args=args)
         if self.view.kind(node) == "conv":
             branch = self.conv_branch(node, None) if removable else self.used_elsewhere(node)
-            return Term(node, "conv", where, self.strip(node.args[0])[0], branch, (*chain, node), factors,
+            return Term(node, "conv", where, self.conv_input(node), branch, (*chain, node), factors,
                         factor_args=args)
         return Term(node, "plain", where, factors=factors, factor_args=args)
+
+    def conv_input(self, node: fx.Node) -> Any:
+        value = self.view.arg(node, "input") if node.op == "call_function" else node.args[0]
+        return self.strip(value)[0]
 
     def used_elsewhere(self, node: fx.Node) -> str:
         others = [self.view.describe(u) for u in _data_users(node)]

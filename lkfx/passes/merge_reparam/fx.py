@@ -1,12 +1,15 @@
 """merge_reparam on torch.fx: modules' own deploy methods first, then the generic rule over linear expressions.
 
-Module protocol. `MergeReparam.fx_leaf_modules` names every module type that has ``fuse()``,
-``reparameterize()`` or ``switch_to_deploy()`` (timm's protocol), so `lkfx.transform` traces those blocks as
-single ``call_module`` nodes. Each one is converted on a float64 copy (cast back afterwards): ``fuse()``'s
-result replaces it, the other two convert it in place, and its children are converted the same way (timm's
-``reparameterize_model`` order). The deploy form is then traced and inlined, so later rules and passes see its
-conv. A block in training mode, or whose method raises, is refused with the reason and inlined unconverted:
-the generic rule below may still merge what is inside it.
+Module protocol. Why leaves: a traced graph keeps only the leaf modules, so a block's own method can only be
+called if the block survives tracing. `MergeReparam.fx_leaf_modules` therefore names every module type whose
+class defines ``fuse()``, ``reparameterize()`` or ``switch_to_deploy()`` (timm's protocol), and
+`lkfx.transform` traces those blocks as single ``call_module`` nodes (of the copy it owns). Each block is
+converted once, on a float64 copy cast back afterwards: ``fuse()``'s result replaces it, the other two convert
+it in place, then its children the same way (timm's ``reparameterize_model`` order). The deploy form is traced
+and inlined at every call of the block, so later rules and passes see its conv; a plain container holding what
+the inlined nodes read takes the block's place. A block in training mode, or whose method raises, is refused
+with the reason and inlined unconverted: the generic rule below may still merge what is inside it. A block that
+the conversion leaves unchanged (already in deploy form) is inlined and not counted.
 
 Generic rule: see the package docstring. Merged convs become a new ``nn.ConvNd`` module (named
 ``<common prefix>.reparam_conv``), or for ATen graphs a copy of the first conv call with new constants.

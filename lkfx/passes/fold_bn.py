@@ -76,6 +76,8 @@ class FoldBN(Pass):
             return None if rank == 2 else f"the Linear's tensor is {rank}-D, BatchNorm normalises another dim"
 
         def after_check(m) -> str | None:
+            if computed := view.computed_conv_args(m["conv"]):
+                return f"the conv's {', '.join(computed)} are computed in the graph, not constants"
             conv, bn = view.conv(m["conv"]), view.bn(m["bn"])
             reason = common(conv, bn)
             if reason:
@@ -102,6 +104,8 @@ class FoldBN(Pass):
             return _shared_note(shared)
 
         def before_check(m) -> str | None:
+            if computed := view.computed_conv_args(m["conv"]):
+                return f"the conv's {', '.join(computed)} are computed in the graph, not constants"
             conv, bn = view.conv(m["conv"]), view.bn(m["bn"])
             reason = common(conv, bn)
             if reason:
@@ -227,17 +231,25 @@ class FoldBN(Pass):
             if isinstance(data, str):
                 return data
             conv, (s, _, w, _, _) = m["conv"], data
-            if _onnx_conv_pads(conv, w):
+            if conv.op == "Gemm":
+                if int(conv.attrs.get("transA", 0)):
+                    return "Gemm has transA=1: it reads the BatchNorm's channels as rows"
+                in_ch = w.shape[1] if int(conv.attrs.get("transB", 0)) else w.shape[0]
+            elif _onnx_conv_pads(conv, w):
                 return ZERO_PAD_REASON
-            in_ch = w.shape[1] * int(conv.attrs.get("group", 1))
+            else:
+                in_ch = w.shape[1] * int(conv.attrs.get("group", 1))
             if s.shape[0] != in_ch:
-                return f"BatchNormalization has {s.shape[0]} channels, the Conv reads {in_ch}"
+                return f"BatchNormalization has {s.shape[0]} channels, the {conv.op} reads {in_ch}"
             return None
 
         def before_rewrite(m) -> str | None:
             conv, bn = m["conv"], m["bn"]
             s, t, w, b, dtype = prepared.pop(id(bn))
-            w, b = km.fold_scale_before(w, b, s, t, groups=int(conv.attrs.get("group", 1)))
+            if conv.op == "Gemm":
+                w, b = _gemm_before(conv, w, b, s, t)
+            else:
+                w, b = km.fold_scale_before(w, b, s, t, groups=int(conv.attrs.get("group", 1)))
             shared = _set_weights(view, conv, w, b, dtype)
             view.remove_passthrough(bn)
             return _shared_note("also read by " + ", ".join(shared) if shared else None)
@@ -249,8 +261,8 @@ class FoldBN(Pass):
         rules = [Rule("conv->bn", Pattern("BatchNormalization", [producer], bind="bn"), after_check, after_rewrite,
                       where)]
         if self.config["before"]:
-            rules.append(Rule("bn->conv", Pattern("Conv", [Pattern("BatchNormalization", bind="bn")], bind="conv"),
-                              before_check, before_rewrite, where))
+            consumer = Pattern(("Conv", "Gemm"), [Pattern("BatchNormalization", bind="bn")], bind="conv")
+            rules.append(Rule("bn->conv", consumer, before_check, before_rewrite, where))
         apply_rules(view, rules, ctx.report)
         if ctx.report.modified:
             view.finish()
@@ -276,6 +288,16 @@ def _gemm_after(gemm: Any, w: np.ndarray, c: np.ndarray | None, s: np.ndarray, t
     c2 = t if c is None else beta * c * s + t
     gemm.attrs["alpha"], gemm.attrs["beta"] = 1.0, 1.0
     return w2, c2
+
+
+def _gemm_before(gemm: Any, w: np.ndarray, c: np.ndarray | None, s: np.ndarray, t: np.ndarray):
+    """A = s * X + t (per column) feeding Y = alpha * A @ B + beta * C  ->  Gemm(alpha=1, beta=1, B', C')."""
+    alpha, beta = float(gemm.attrs.get("alpha", 1.0)), float(gemm.attrs.get("beta", 1.0))
+    trans_b = int(gemm.attrs.get("transB", 0))
+    w_out_in = alpha * (w if trans_b else w.T)  # (N, K): the layout fold_scale_before expects
+    w2, c2 = km.fold_scale_before(w_out_in, None if c is None else beta * c, s, t)
+    gemm.attrs["alpha"], gemm.attrs["beta"] = 1.0, 1.0
+    return (w2 if trans_b else w2.T), c2
 
 
 def _onnx_conv_pads(conv: Any, w: np.ndarray) -> bool:

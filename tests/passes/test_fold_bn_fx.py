@@ -382,3 +382,20 @@ def test_inplace_true_mutates_and_inplace_false_does_not():
     out = lkfx.transform(model, ["fold_bn"], inplace=True)
     assert not torch.equal(model[0].weight, before["0.weight"])
     assert_same_outputs(reference, out, (torch.randn(2, 3, 8, 8),))
+
+
+def test_conv_with_computed_groups_is_refused_not_crashed():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 1, 3, 3))
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(F.conv2d(x, self.w, None, 1, 1, 1, x.shape[1]))
+
+    net = Net().eval()
+    x = torch.randn(1, 4, 8, 8)
+    out, report = lkfx.transform(net, ["fold_bn"], example_inputs=x, check=True, return_report=True)
+    assert report["fold_bn"].rewritten == 0
+    assert any("groups are computed" in s.reason for s in report["fold_bn"].skipped)

@@ -150,6 +150,31 @@ def test_gemm_bn(trans_b, alpha, beta, with_c):
     assert (attrs["alpha"], attrs["beta"], attrs["transB"]) == (1.0, 1.0, trans_b)
 
 
+@pytest.mark.parametrize("c_shape", [None, (7,), (5, 7)])
+@pytest.mark.parametrize("alpha,beta", [(1.0, 1.0), (0.7, 1.9)])
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_bn_gemm(trans_b, alpha, beta, c_shape):
+    rng = np.random.default_rng(4)
+    inits = [init("W", rand(rng, *((7, 10) if trans_b else (10, 7))))]
+    if c_shape:
+        inits.append(init("C", rand(rng, *c_shape)))
+    inits += bn_initializers(rng, "bn", 10)
+    gemm = helper.make_node("Gemm", ["n", "W", "C"] if c_shape else ["n", "W"], ["y"], name="gemm",
+                            transB=trans_b, alpha=alpha, beta=beta)
+    model = make_model([bn_node("bn", "x", "n"), gemm], {"x": (5, 10)}, ["y"], inits)
+    out, pr = fold_onnx(model)
+    check_folded(model, out, pr)
+
+
+def test_bn_gemm_trans_a_is_refused():
+    rng = np.random.default_rng(5)
+    inits = [init("W", rand(rng, 5, 7))] + bn_initializers(rng, "bn", 10)
+    gemm = helper.make_node("Gemm", ["n", "W"], ["y"], name="gemm", transA=1)
+    model = make_model([bn_node("bn", "x", "n"), gemm], {"x": (5, 10)}, ["y"], inits)
+    out, pr = fold_onnx(model)
+    assert pr.rewritten == 0 and any("transA=1" in s.reason for s in pr.skipped)
+
+
 # --- BN -> Conv ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("options", [
     {},

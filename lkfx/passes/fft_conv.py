@@ -1,0 +1,402 @@
+"""fft_conv: compute large and global convs by zero-padded FFT, exactly the same linear convolution.
+
+A stride-1 conv whose kernel is large compared to the feature map costs ``K^2`` MACs per output directly and
+``O(log(HW))`` per output by FFT. Computed at the feature-map size (GFNet) the FFT gives a *circular*
+convolution, wrong at the borders; padded to an ``N x M`` grid with ``N >= H + max(pad_top, pad_bottom)``
+(kernel taps that never reach the input cropped first) and cropped back it is the conv itself (math in
+`lkfx.backends.fft_cost` and `lkfx.modules.fft_conv`)::
+
+    x ── Conv(W, b, 'same') ── y        becomes        x ── FFTConv2d(W, b) ── y                      (torch.fx)
+
+    x ── Conv ── y      becomes      x ─ Unsqueeze ─ DFT(W axis, onesided) ─ DFT(H axis, N) ─┐          (ONNX)
+                                     W ─ DFT ─ DFT ─ * phase ─ (constant-folded) ─────────── * conj ─┐
+                        y ── + b ── Squeeze ── Slice ── IDFT(W axis, M) ── Slice ── IDFT(H axis) ────┘
+
+Which convs: 2-D, stride 1, dilation 1, zero padding that is 'same' (``pad_begin + pad_end = k - 1`` on both
+axes, e.g. ``padding='same'`` or ``(k - 1) / 2``) or 0, dense (``groups=1``) or depthwise (one input channel per
+group, any channel multiplier), constant floating-point weight. Others are refused with the reason.
+``min_kernel=None`` (default) selects global convs, whose kernel covers the feature map on both axes (that needs
+the feature-map size: give ``example_inputs``); an int selects kernels with a side of at least that.
+
+``mode='auto'`` (default) asks `lkfx.backends.fft_cost.CostModel`, calibrated once per machine and cached, for
+the direct and the FFT time of each selected conv at the example batch size, and rewrites only where FFT is
+predicted at least 1.25x faster (its prediction is the optimistic one); kernels below 5x5 always stay direct.
+``mode='always'`` rewrites every selected conv. Each conv's predicted times and the decision go in the report.
+
+ONNX: the DFT subgraph needs opset 20 (DFT with its axis as an input); older models are refused with the
+command to convert them. The transforms are power-of-2 long: onnxruntime's CPU DFT is a naive O(N^2) loop for
+other lengths. The inverse along the last axis is a complex DFT of the one-sided spectrum, zero-padded, with the
+Hermitian weights (1, 2, ..., 2, 1) folded into the kernel spectrum: real part = irfft, without DFT's newer
+``onesided=1, inverse=1`` mode that older runtimes lack. The kernel spectrum is computed in the graph from the
+original weight (so the file does not grow by the spectrum's size); runtimes constant-fold it at load.
+Runtimes: onnxruntime runs DFT on the CPU (checked by the tests); its CUDA provider has no DFT kernel and falls
+back to the CPU; TensorRT had no DFT before 11.2 (11.2 adds it through a cuFFT plugin); OpenVINO and TVM import
+it. lkfx has no cost model for those runtimes, and onnxruntime's own CPU Conv is fast for large depthwise
+kernels: measured on one thread, batch 8, 64 channels, the subgraph ties with it at 56x56 / 31x31 (55 vs 54 ms)
+and is 15-65x slower on small maps (14x14 / 27x27: 21 vs 1.5 ms; 7x7 / 13x13: 5.8 vs 0.09 ms). So
+``mode='auto'`` leaves ONNX convs alone with that reason: use ``mode='always'`` for a runtime with a fast DFT.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from lkfx.errors import LkfxError
+from lkfx.passes import Pass, PassContext, register_pass
+
+ONNX_MIN_OPSET = 20
+ONNX_AUTO_REASON = ("mode='auto' has no cost model for ONNX runtimes (on onnxruntime's CPU the DFT subgraph is at "
+                    "best as fast as its Conv); use mode='always' to rewrite for a runtime with a fast DFT")
+
+
+def _kernel_text(kernel) -> str:
+    return "x".join(str(int(k)) for k in kernel)
+
+
+def _padding_refusal(pads, kernel) -> str | None:
+    """None for 'same'-style (begin + end = k - 1 on every axis) or zero padding, else the reason."""
+    if all(p == (0, 0) for p in pads) or all(b + e == k - 1 for (b, e), k in zip(pads, kernel, strict=True)):
+        return None
+    return (f"padding {[list(p) for p in pads]} (begin, end per axis) is neither 'same' (sum k - 1 per axis) "
+            "nor 0")
+
+
+@register_pass
+class FFTConv(Pass):
+    name = "fft_conv"
+    summary = "Compute large / global convs by zero-padded FFT (exact linear conv), where a cost model says it pays."
+    options = {"min_kernel": None, "mode": "auto"}
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        k = self.config["min_kernel"]
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise LkfxError(f"option 'min_kernel' of pass '{self.name}' must be None (global convs) or an int >= 1, "
+                            f"got {k!r}")
+        if self.config["mode"] not in ("auto", "always"):
+            raise LkfxError(f"option 'mode' of pass '{self.name}' must be 'auto' or 'always', "
+                            f"got {self.config['mode']!r}")
+
+    def _selection_refusal(self, kernel, in_size) -> str | None:
+        """Whether `min_kernel` selects this conv; `in_size` is None when unknown."""
+        k = self.config["min_kernel"]
+        if k is None:
+            if in_size is None:
+                return ("the feature-map size is unknown: min_kernel=None selects global convs (kernel >= map), "
+                        "which needs example_inputs; or set min_kernel")
+            if any(kk < n for kk, n in zip(kernel, in_size, strict=True)):
+                return (f"kernel {_kernel_text(kernel)} does not cover the {_kernel_text(in_size)} feature map "
+                        "(min_kernel=None rewrites global convs only; set min_kernel to select by size)")
+            return None
+        return None if max(kernel) >= k else f"kernel {_kernel_text(kernel)} is below min_kernel={k}"
+
+    # --- torch.fx -----------------------------------------------------------------------------------
+    def fx_leaf_modules(self, model: Any) -> tuple[type, ...]:
+        from lkfx.modules.fft_conv import FFTConv2d
+
+        return (FFTConv2d,)
+
+    def run_fx(self, gm: Any, ctx: PassContext) -> Any:
+        from lkfx.backends.fft_cost import ConvShape, cost_model, fft_plan
+        from lkfx.graph.fx import propagate_shapes
+        from lkfx.modules.fft_conv import FFTConv2d, conv_pads
+        from lkfx.patterns.fx import FxView
+
+        if ctx.example_inputs is not None:
+            propagate_shapes(gm, ctx.example_inputs)
+        view = FxView(gm)
+        report = ctx.report
+        calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+        for node in view.candidates(frozenset(["conv"])):
+            report.matched += 1
+            where = view.describe(node)
+            computed = view.computed_conv_args(node)
+            if computed:
+                report.skip(where, f"its {', '.join(computed)} computed in the graph")
+                continue
+            info = view.conv(node)
+            reason = self._fx_refusal(view, info)
+            if reason is None:
+                kernel = tuple(info.weight.shape[2:])
+                pads = conv_pads(info.padding, kernel)
+                reason = _padding_refusal(pads, kernel)
+            if reason:
+                report.skip(where, reason)
+                continue
+            meta = (node.args[0] if node.op == "call_module" else view.arg(node, "input")).meta.get("tensor_meta")
+            in_shape = tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+            in_size = in_shape[2:] if in_shape is not None and len(in_shape) == 4 else None
+            reason = self._selection_refusal(kernel, in_size)
+            if reason:
+                report.skip(where, reason)
+                continue
+            grid = _kernel_text(fft_plan(in_size, kernel, pads).size) if in_size is not None else None
+            if self.config["mode"] == "auto":
+                if in_size is None:
+                    report.skip(where, "mode='auto' needs the feature-map size for the cost model: give "
+                                       "example_inputs (or use mode='always')")
+                    continue
+                shape = ConvShape(in_shape[0], in_shape[1], info.weight.shape[0], info.groups, in_size, kernel,
+                                  pads)
+                decision = cost_model(info.weight.device.type).choose(shape)
+                if not decision.fft:
+                    report.skip(where, f"{shape.describe()}: {decision.reason}; kept direct")
+                    continue
+                note = f"{shape.describe()} -> FFT {grid}: {decision.reason}"
+            else:
+                on = f" on {_kernel_text(in_size)} -> FFT {grid}" if grid else " -> FFT"
+                note = f"{_kernel_text(kernel)} kernel{on} (mode='always')"
+            module = FFTConv2d(info.weight, info.bias, info.padding, info.groups)
+            module.train(info.module.training if info.module is not None else gm.training)
+            _fx_swap(gm, node, module, view, calls)
+            report.note(f"{where}: {note}")
+            report.rewritten += 1
+        return view.finish() if report.modified else gm
+
+    def _fx_refusal(self, view: Any, info: Any) -> str | None:
+        w = info.weight
+        if w is None:
+            return "the weight is computed in the graph, not a parameter"
+        if w.ndim != 4:
+            return f"only 2-D convs are computed by FFT, this one is {w.ndim - 2}-D"
+        if not w.is_floating_point():
+            return f"the weight is {w.dtype}, not floating point"
+        if view.bias_is_computed(info):
+            return "the bias is computed in the graph, not a parameter"
+        if info.stride != (1, 1):
+            return f"stride {info.stride}: the FFT computes stride-1 convs only"
+        if info.dilation != (1, 1):
+            return f"dilation {info.dilation}: only dilation 1"
+        if info.padding_mode != "zeros":
+            return f"padding mode '{info.padding_mode}': only zero padding is a linear conv of the zero-extended map"
+        if info.groups != 1 and w.shape[1] != 1:
+            return (f"groups={info.groups} with {w.shape[1]} input channels per group: only dense (groups=1) or "
+                    "depthwise convs")
+        return None
+
+    # --- ONNX ---------------------------------------------------------------------------------------
+    def run_onnx(self, graph: Any, ctx: PassContext) -> None:
+        from lkfx.backends.fft_cost import ONNX_RADICES, fft_plan
+        from lkfx.patterns.onnx import OnnxView
+
+        view = OnnxView(graph)
+        report = ctx.report
+        convs = view.candidates(frozenset(["Conv"]))
+        shapes = _OnnxShapes(graph)
+        in_shapes = {id(conv): shapes.of(conv.inputs[0]) for conv in convs}  # before any rewrite
+        names = _Names(graph)
+        for conv in convs:
+            report.matched += 1
+            where = view.describe(conv)
+            w = view.const(conv.inputs[1])
+            reason = self._onnx_refusal(graph, conv, w)
+            if reason is None:
+                kernel = tuple(w.shape[2:])
+                pads = _onnx_pads(conv, kernel)
+                reason = _padding_refusal(pads, kernel)
+            if reason is None:
+                in_shape = in_shapes[id(conv)]
+                if in_shape is None or len(in_shape) != 4 or not all(isinstance(d, int) for d in in_shape[1:]):
+                    reason = (f"the input's channel and spatial sizes are not static ({in_shape}); export with a "
+                              "fixed H and W (or run onnx shape inference)")
+            if reason is None:
+                reason = self._selection_refusal(kernel, tuple(in_shape[2:]))
+            if reason is None and self.config["mode"] == "auto":
+                reason = ONNX_AUTO_REASON
+            if reason:
+                report.skip(where, reason)
+                continue
+            plan = fft_plan(tuple(in_shape[2:]), kernel, pads, ONNX_RADICES)
+            _onnx_fft_subgraph(graph, names, conv, w.shape, plan)
+            report.note(f"{where}: {_kernel_text(kernel)} kernel on {_kernel_text(in_shape[2:])} -> DFT "
+                        f"{_kernel_text(plan.size)} (mode='always')")
+            report.rewritten += 1
+        if report.modified:
+            graph.cleanup().toposort()
+
+    def _onnx_refusal(self, graph: Any, conv: Any, w: np.ndarray | None) -> str | None:
+        if graph.opset < ONNX_MIN_OPSET:
+            return (f"the model's opset {graph.opset} is below {ONNX_MIN_OPSET}, which the DFT subgraph needs; "
+                    f"convert it first: onnx.version_converter.convert_version(model, {ONNX_MIN_OPSET})")
+        if w is None:
+            return "the weight is not a constant"
+        if w.ndim != 4:
+            return f"only 2-D convs are computed by FFT, this one is {w.ndim - 2}-D"
+        if w.dtype != np.float32:
+            return f"the weight is {w.dtype}; the DFT subgraph is built in float32"
+        if any(int(s) != 1 for s in conv.attrs.get("strides", [1, 1])):
+            return f"strides {list(conv.attrs['strides'])}: the FFT computes stride-1 convs only"
+        if any(int(d) != 1 for d in conv.attrs.get("dilations", [1, 1])):
+            return f"dilations {list(conv.attrs['dilations'])}: only dilation 1"
+        group = int(conv.attrs.get("group", 1))
+        if group != 1 and w.shape[1] != 1:
+            return f"group={group} with {w.shape[1]} input channels per group: only dense or depthwise convs"
+        return None
+
+
+def _fx_swap(gm: Any, node: Any, module: Any, view: Any, calls: Counter) -> None:
+    """Put `module` where `node` was: in place of a conv module called once, else under a fresh name."""
+    if node.op == "call_module" and calls[node.target] == 1:
+        gm.add_submodule(node.target, module)
+        return
+    base = (node.target if node.op == "call_module" else node.name).replace(".", "_") + "_fft"
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}{i}"
+    gm.add_submodule(name, module)
+    if node.op == "call_module":
+        calls[node.target] -= 1
+        node.target = name
+        return
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_module(name, (view.arg(node, "input"),))
+    new.meta.update(node.meta)  # the shapes of later convs' inputs are read from here
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
+# --- ONNX helpers ---------------------------------------------------------------------------------------------
+def _onnx_pads(conv: Any, kernel: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    auto_pad = conv.attrs.get("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad == "VALID":
+        return tuple((0, 0) for _ in kernel)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        small = [(k - 1) // 2 for k in kernel]
+        if auto_pad == "SAME_UPPER":
+            return tuple((s, k - 1 - s) for s, k in zip(small, kernel, strict=True))
+        return tuple((k - 1 - s, s) for s, k in zip(small, kernel, strict=True))
+    pads = [int(p) for p in conv.attrs.get("pads", [0] * 2 * len(kernel))]
+    n = len(kernel)
+    return tuple((pads[i], pads[i + n]) for i in range(n))
+
+
+class _OnnxShapes:
+    """Static shapes of tensors: their own, else from one run of ONNX shape inference (done when first needed)."""
+
+    def __init__(self, graph: Any):
+        self.graph = graph
+        self._inferred: dict[str, list] | None = None
+
+    def of(self, tensor: Any) -> list | None:
+        shape = tensor.shape
+        if shape is not None and all(isinstance(d, int) and d > 0 for d in shape[1:]):
+            return [d if isinstance(d, int) else None for d in shape]
+        if self._inferred is None:
+            self._inferred = self._infer()
+        return self._inferred.get(tensor.name, shape)
+
+    def _infer(self) -> dict[str, list]:
+        import onnx
+        import onnx_graphsurgeon as gs
+
+        model = onnx.shape_inference.infer_shapes(gs.export_onnx(self.graph, do_type_check=False))
+        out = {}
+        for vi in (*model.graph.input, *model.graph.value_info, *model.graph.output):
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+                out[vi.name] = [d.dim_value if d.HasField("dim_value") else None
+                                for d in vi.type.tensor_type.shape.dim]
+        return out
+
+
+class _Names:
+    """Fresh tensor / node names for the inserted subgraphs."""
+
+    def __init__(self, graph: Any):
+        self.used = set(graph.tensors()) | {n.name for n in graph.nodes}
+
+    def __call__(self, hint: str) -> str:
+        name, i = hint, 0
+        while name in self.used:
+            i += 1
+            name = f"{hint}_{i}"
+        self.used.add(name)
+        return name
+
+
+def _onnx_fft_subgraph(graph: Any, names: _Names, conv: Any, w_shape: tuple[int, ...], plan: Any) -> None:
+    """Replace `conv` by the DFT computation of `plan` (see the module docstring); writes conv's output tensor."""
+    import onnx_graphsurgeon as gs
+
+    prefix = conv.name or conv.outputs[0].name
+
+    def const(hint: str, value) -> Any:
+        return gs.Constant(names(f"{prefix}_fft_{hint}"), np.array(value))  # keeps 0-d scalars 0-d
+
+    def i64(hint: str, value) -> Any:
+        return const(hint, np.asarray(value, dtype=np.int64))
+
+    def op(kind: str, inputs: list, hint: str, out: Any = None, **attrs) -> Any:
+        out = out if out is not None else gs.Variable(names(f"{prefix}_fft_{hint}"))
+        graph.nodes.append(gs.Node(kind, names(f"{prefix}_fft_{hint}_node"), attrs, list(inputs), [out]))
+        return out
+
+    def cmul(a: Any, b: Any, hint: str, conj: bool) -> Any:
+        """a * b or a * conj(b) for (..., 2) real/imaginary tensors (b may broadcast)."""
+        sign = np.array([1, -1] if conj else [-1, 1], dtype=np.float32)
+        if isinstance(b, np.ndarray):
+            re, im = const(f"{hint}_re", b.real[..., None].astype(np.float32)), \
+                const(f"{hint}_im", (b.imag[..., None] * sign).astype(np.float32))
+        else:
+            re = op("Gather", [b, i64(f"{hint}_i0", [0])], f"{hint}_re", axis=-1)
+            im = op("Mul", [op("Gather", [b, i64(f"{hint}_i11", [1, 1])], f"{hint}_im2", axis=-1),
+                            const(f"{hint}_sign", sign)], f"{hint}_im")
+        swapped = op("Gather", [a, i64(f"{hint}_i10", [1, 0])], f"{hint}_swap", axis=-1)
+        return op("Add", [op("Mul", [a, re], f"{hint}_t1"), op("Mul", [swapped, im], f"{hint}_t2")], hint)
+
+    out_ch, in_per_group = int(w_shape[0]), int(w_shape[1])
+    (h0, h1), (w0, w1) = plan.taps
+    n, m = plan.size
+    x, weight, y = conv.inputs[0], conv.inputs[1], conv.outputs[0]
+    bias = conv.inputs[2] if len(conv.inputs) > 2 and conv.inputs[2].name else None
+    conv.inputs.clear()
+    conv.outputs.clear()
+    ax2, ax3 = i64("axis2", 2), i64("axis3", 3)
+    n_len, m_len = i64("n", n), i64("m", m)
+    last = i64("last", [-1])
+
+    # kernel spectrum Q = DFT2(kept taps) * conj(phase of the roll) * Hermitian weights; the runtime uses conj(Q)
+    if (h0, h1, w0, w1) != (0, w_shape[2], 0, w_shape[3]):
+        weight = op("Slice", [weight, i64("taps_lo", [h0, w0]), i64("taps_hi", [h1, w1]), i64("taps_ax", [2, 3])],
+                    "taps")
+    g = op("DFT", [op("Unsqueeze", [weight, last], "w5"), m_len, ax3], "w_rfft", onesided=1)
+    g = op("DFT", [g, n_len, ax2], "w_fft")
+    rows, cols = np.arange(n)[:, None], np.arange(m // 2 + 1)[None, :]
+    hermitian = np.where((cols == 0) | (2 * cols == m), 1.0, 2.0)
+    phase = np.exp(2j * math.pi * (rows * plan.shift[0] / n + cols * plan.shift[1] / m)) * hermitian
+    q = cmul(g, phase, "q", conj=False)
+
+    xf = op("DFT", [op("Unsqueeze", [x, last], "x5"), m_len, ax3], "x_rfft", onesided=1)
+    xf = op("DFT", [xf, n_len, ax2], "x_fft")
+    mr = m // 2 + 1
+    group = int(conv.attrs.get("group", 1))
+    if group > 1:  # depthwise: output channel c * multiplier + j reads input channel c
+        q = op("Reshape", [q, i64("q_shape", [group, out_ch // group, n, mr, 2])], "q_dw")
+        yf = cmul(op("Unsqueeze", [xf, i64("ax_mult", [2])], "x6"), q, "prod", conj=True)
+        yf = op("Reshape", [yf, i64("y_shape", [-1, out_ch, n, mr, 2])], "y_fft")
+    else:
+        zero, one = i64("re_idx", 0), i64("im_idx", 1)
+        qr = op("Gather", [q, zero], "q_re", axis=4)
+        qi = op("Gather", [q, one], "q_im", axis=4)
+        top = op("Concat", [qr, op("Neg", [qi], "q_neg_im")], "q_top", axis=0)
+        bottom = op("Concat", [qi, qr], "q_bottom", axis=0)
+        block = op("Transpose", [op("Concat", [top, bottom], "q_block", axis=1)], "q_blockT", perm=[2, 3, 1, 0])
+        xt = op("Transpose", [xf], "x_t", perm=[2, 3, 0, 4, 1])
+        xt = op("Reshape", [xt, i64("x_rows", [n, mr, -1, 2 * in_per_group])], "x_rows")
+        yt = op("MatMul", [xt, block], "y_rows")
+        yt = op("Reshape", [yt, i64("y_split", [n, mr, -1, 2, out_ch])], "y_split")
+        yf = op("Transpose", [yt], "y_fft", perm=[2, 4, 0, 1, 3])
+    ys = op("DFT", [yf, gs.Variable.empty(), ax2], "y_ifft_h", inverse=1)
+    ys = op("Slice", [ys, i64("h0", [0]), i64("ho", [plan.out[0]]), i64("h_ax", [2])], "y_rows_kept")
+    ys = op("DFT", [ys, m_len, ax3], "y_ifft_w", inverse=1)
+    ys = op("Slice", [ys, i64("w0", [0, 0]), i64("wo", [plan.out[1], 1]), i64("w_ax", [3, 4])], "y_real")
+    if bias is None:
+        op("Squeeze", [ys, i64("sq", [4])], "y", out=y)
+    else:
+        ys = op("Squeeze", [ys, i64("sq", [4])], "y_nobias")
+        op("Add", [ys, op("Unsqueeze", [bias, i64("b_ax", [1, 2])], "b3")], "y", out=y)

@@ -1,0 +1,25 @@
+"""examples/global_filter.py runs end to end as a user would run it; so does the fft_conv benchmark's quick mode."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_global_filter_example():
+    res = subprocess.run([sys.executable, str(ROOT / "examples" / "global_filter.py"), "--depth", "2"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "wrong at every pixel" in res.stdout and "inside it" in res.stdout
+    assert "2 global filters computed by FFT" in res.stdout
+    assert "OK: the padded FFT equals direct conv" in res.stdout
+
+
+def test_fft_conv_benchmark_quick(tmp_path):
+    bench = ROOT / "benchmarks" / "fft_conv.py"
+    res = subprocess.run([sys.executable, str(bench), "--quick", "--repeats", "1", "--threads", "1", "--out",
+                          str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "auto within 10% of the faster" in res.stdout and "auto >= 5x faster than direct" in res.stdout
+    assert (tmp_path / "fft_conv.json").exists() and (tmp_path / "fft_conv.png").exists()

@@ -7,10 +7,20 @@
 Importing lkfx imports neither torch, onnx, onnxruntime, triton nor tensorrt; each is loaded when a pass needs it.
 """
 
+from typing import Any
+
 from lkfx.api import transform
 from lkfx.errors import CheckError, LkfxError, PassError
 from lkfx.passes import Pass, PassContext, list_passes, register_pass
 from lkfx.report import PassReport, Report
+
+
+def set_temperature(model: Any, tau: float) -> int:
+    """Set the attention temperature of every KernelWarehouse conv in `model` (pass kernel_warehouse)."""
+    from lkfx.modules.kernel_warehouse import set_temperature as set_tau
+
+    return set_tau(model, tau)
+
 
 __version__ = "0.1.0"
 __all__ = [
@@ -23,5 +33,6 @@ __all__ = [
     "Report",
     "list_passes",
     "register_pass",
+    "set_temperature",
     "transform",
 ]

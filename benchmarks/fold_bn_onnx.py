@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -116,6 +117,15 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def machine() -> str:
+    cpu = platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}, python {platform.python_version()}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes only (smoke test)")
@@ -138,8 +148,7 @@ def main() -> None:
     for n in sizes:
         print(f"{n:>6}" + "".join(f"{results[t][str(n)]:>21.3f}s" if str(n) in results[t] else f"{'-':>22}"
                                   for t in TOOLS))
-    out = {"machine": f"{platform.processor() or platform.machine()}, {platform.system()}, python "
-                      f"{platform.python_version()}", "sizes": sizes, "repeats": args.repeats, "seconds": results}
+    out = {"machine": machine(), "sizes": sizes, "repeats": args.repeats, "seconds": results}
     big, small = str(sizes[-1]), str(sizes[-1] // 10) if str(sizes[-1] // 10) in results["lkfx"] else str(sizes[0])
     ratio = results["lkfx"][big] / results["onnxscript rewriter"][big]
     scaling = results["lkfx"][big] / results["lkfx"][small]

@@ -63,12 +63,12 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     """
     from torch.fx.passes.shape_prop import ShapeProp
 
-    with _buffers_restored(gm):
+    with buffers_restored(gm):
         ShapeProp(gm).propagate(*example_inputs)
 
 
 @contextlib.contextmanager
-def _buffers_restored(model: nn.Module):
+def buffers_restored(model: nn.Module):
     """Run `model` without gradients and put every buffer back afterwards (BN running statistics, counters)."""
     saved = [(b, b.clone()) for b in model.buffers()]
     try:
@@ -88,7 +88,7 @@ def submodule_inputs(model: nn.Module, example_inputs: tuple) -> dict[str, tuple
         if name:
             hooks.append(m.register_forward_pre_hook(lambda mod, args, name=name: seen.setdefault(name, args)))
     try:
-        with _buffers_restored(model):
+        with buffers_restored(model):
             model(*example_inputs)
     finally:
         for h in hooks:

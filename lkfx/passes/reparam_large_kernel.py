@@ -167,8 +167,9 @@ class ReparamLargeKernel(Pass):
 
 def _output_stats(gm: Any, nodes: list, example_inputs: tuple) -> dict:
     """{node: ((H, W), mean, var)} of each node's output on the example inputs, per channel, float64."""
-    import torch
     import torch.fx as fx
+
+    from lkfx.graph.fx import buffers_restored
 
     wanted = set(nodes)
     seen: dict = {}
@@ -181,13 +182,8 @@ def _output_stats(gm: Any, nodes: list, example_inputs: tuple) -> dict:
                 seen[n] = (tuple(y.shape[2:]), y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False))
             return out
 
-    saved = [(b, b.clone()) for b in gm.buffers()]
-    with torch.no_grad():
-        try:
-            Recorder(gm).run(*example_inputs)
-        finally:
-            for b, value in saved:
-                b.copy_(value)
+    with buffers_restored(gm):
+        Recorder(gm).run(*example_inputs)
     return seen
 
 

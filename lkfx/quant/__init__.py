@@ -1,0 +1,1 @@
+"""Quantization: integer grids and scales (`qparams`), range estimators (`observers`), calibration."""

@@ -1,0 +1,199 @@
+"""``torch.ops.lkfx.dwconv2d``: depthwise 2-D convolution as a PyTorch custom op.
+
+    dwconv2d(x, weight, bias, stride, padding) -> y
+        x (N, C, H, W); weight (C, 1, KH, KW); bias (C,) or None; stride [sh, sw];
+        padding [top, left, bottom, right] (ONNX's order, so 'same' with an even kernel is expressible)
+
+    y = F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, stride, groups=C)
+
+Where it runs:
+- CUDA tensors: the Triton kernels of `lkfx.backends.dwconv_triton` (fp32 / fp16 / bf16, fp32 accumulation).
+- CPU tensors: ``F.conv2d``, or `lkfx.modules.fft_conv.FFTConv2d` when the stride is 1, the padding is what
+  FFTConv2d takes (symmetric, or torch's 'same') and `lkfx.backends.fft_cost`'s cost model, calibrated once
+  per machine, predicts the FFT at least 1.25x faster (on x86 CPUs: large kernels on maps from 14x14 up). The
+  kernel spectrum is computed on each call here (the cost model assumes it cached, as FFTConv2d does for a
+  module), so the choice is slightly optimistic for the FFT.
+
+Gradients: registered with ``register_autograd``; the backward calls the ops ``lkfx::dwconv2d_grad_input`` and
+``lkfx::dwconv2d_grad_weight`` (Triton on CUDA, ``aten.convolution_backward`` on the padded input on CPU), so
+`torch.compile` / AOTAutograd trace the backward too. Every op has a fake implementation (shapes only) for
+``torch.compile`` and ``torch.export``.
+
+ONNX: `onnx_translation_table()` gives ``torch.onnx.export(..., custom_translation_table=...)`` the
+translation to the TensorRT plugin node that `lower_dwconv` writes (`plugin_node_attrs`): op_type
+``dwconv2d`` in domain ``lkfx``, attributes ``strides``, ``pads``, ``plugin_namespace="lkfx"``,
+``plugin_version="1"``, ``aot=1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+PLUGIN_NAME = "dwconv2d"
+PLUGIN_NAMESPACE = "lkfx"
+PLUGIN_VERSION = "1"
+PLUGIN_DOMAIN = "lkfx"
+
+
+def plugin_node_attrs(stride: Sequence[int], padding: Sequence[int]) -> dict:
+    """Attributes of the ONNX plugin node: the conv's and the TensorRT ONNX parser's plugin lookup keys."""
+    return {"strides": [int(s) for s in stride], "pads": [int(p) for p in padding],
+            "plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION, "aot": 1}
+
+
+def output_size(size: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
+                padding: Sequence[int]) -> tuple[int, int]:
+    pt, pl, pb, pr = padding
+    return ((size[0] + pt + pb - kernel[0]) // stride[0] + 1, (size[1] + pl + pr - kernel[1]) // stride[1] + 1)
+
+
+def _torch_padding(kernel: Sequence[int], padding: Sequence[int]) -> str | tuple[int, int] | None:
+    """The nn.Conv2d-style padding equal to `padding`, or None when there is none (asymmetric, not 'same')."""
+    pt, pl, pb, pr = padding
+    if (pt, pl) == (pb, pr):
+        return (pt, pl)
+    if all(b == (k - 1) // 2 and e == k - 1 - b for k, b, e in zip(kernel, (pt, pl), (pb, pr), strict=True)):
+        return "same"
+    return None
+
+
+def _pad(x: torch.Tensor, padding: Sequence[int]) -> torch.Tensor:
+    pt, pl, pb, pr = padding
+    return F.pad(x, (pl, pr, pt, pb)) if any(padding) else x
+
+
+def _cpu_forward(x, weight, bias, stride, padding):
+    kernel = tuple(weight.shape[2:])
+    torch_pad = _torch_padding(kernel, padding)
+    if tuple(stride) == (1, 1) and torch_pad is not None and max(kernel) > 1 and x.is_floating_point():
+        from lkfx.backends.fft_cost import ConvShape, cost_model
+        from lkfx.modules.fft_conv import FFTConv2d, conv_pads
+
+        shape = ConvShape(x.shape[0], x.shape[1], x.shape[1], x.shape[1], tuple(x.shape[2:]), kernel,
+                          conv_pads(torch_pad, kernel))
+        if all(p <= k - 1 for k, pair in zip(kernel, shape.pads, strict=True) for p in pair) and \
+                cost_model("cpu").choose(shape).fft:
+            return FFTConv2d(weight, bias, torch_pad, groups=x.shape[1])(x)
+    return F.conv2d(_pad(x, padding), weight, bias, tuple(stride), groups=x.shape[1])
+
+
+@torch.library.custom_op("lkfx::dwconv2d", mutates_args=())
+def dwconv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
+             padding: list[int]) -> torch.Tensor:
+    """Depthwise conv; see the module docstring."""
+    if x.is_cuda:
+        from lkfx.backends import dwconv_triton
+
+        return dwconv_triton.forward(x, weight, bias, tuple(stride), tuple(padding))
+    return _cpu_forward(x, weight, bias, stride, padding)
+
+
+@dwconv2d.register_fake
+def _(x, weight, bias, stride, padding):
+    oh, ow = output_size(x.shape[2:], weight.shape[2:], stride, padding)
+    return x.new_empty((x.shape[0], x.shape[1], oh, ow))
+
+
+@torch.library.custom_op("lkfx::dwconv2d_grad_input", mutates_args=())
+def dwconv2d_grad_input(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: list[int],
+                        padding: list[int]) -> torch.Tensor:
+    """Gradient of dwconv2d with respect to x (x is read for its shape and dtype only on CUDA)."""
+    if grad.is_cuda:
+        from lkfx.backends import dwconv_triton
+
+        return dwconv_triton.grad_input(grad, weight, tuple(x.shape[2:]), tuple(stride), tuple(padding))
+    return _cpu_backward(grad, x, weight, stride, padding, (True, False))[0]
+
+
+@dwconv2d_grad_input.register_fake
+def _(grad, x, weight, stride, padding):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("lkfx::dwconv2d_grad_weight", mutates_args=())
+def dwconv2d_grad_weight(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: list[int],
+                         padding: list[int]) -> torch.Tensor:
+    """Gradient of dwconv2d with respect to the weight (the weight is read for its shape and dtype)."""
+    if grad.is_cuda:
+        from lkfx.backends import dwconv_triton
+
+        dw = dwconv_triton.grad_weight(grad, x, tuple(weight.shape[2:]), tuple(stride), tuple(padding))
+        return dw.to(weight.dtype)
+    return _cpu_backward(grad, x, weight, stride, padding, (False, True))[1]
+
+
+@dwconv2d_grad_weight.register_fake
+def _(grad, x, weight, stride, padding):
+    return torch.empty_like(weight)
+
+
+def _cpu_backward(grad, x, weight, stride, padding, mask):
+    xp = _pad(x, padding)
+    gx, gw, _ = torch.ops.aten.convolution_backward(
+        grad, xp, weight, None, list(stride), [0, 0], [1, 1], False, [0, 0], x.shape[1], [*mask, False])
+    if gx is not None:
+        pt, pl = padding[0], padding[1]
+        gx = gx[:, :, pt:pt + x.shape[2], pl:pl + x.shape[3]].contiguous()
+    return gx, gw
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, stride, padding = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.conf = (list(stride), list(padding), bias is not None)
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    stride, padding, has_bias = ctx.conf
+    gx = gw = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = torch.ops.lkfx.dwconv2d_grad_input(grad, x, weight, stride, padding)
+    if ctx.needs_input_grad[1]:
+        gw = torch.ops.lkfx.dwconv2d_grad_weight(grad, x, weight, stride, padding)
+    if has_bias and ctx.needs_input_grad[2]:
+        gb = grad.sum((0, 2, 3))
+    return gx, gw, gb, None, None
+
+
+dwconv2d.register_autograd(_backward, setup_context=_setup_context)
+
+
+def onnx_translation_table() -> dict:
+    """``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)``: the op becomes the plugin node."""
+    from onnxscript import values
+
+    _register_onnx_schema()
+    plugin = values.Opset(PLUGIN_DOMAIN, 1)[PLUGIN_NAME]
+
+    def translate(x, weight, bias=None, stride=(1, 1), padding=(0, 0, 0, 0)):
+        inputs = (x, weight) if bias is None else (x, weight, bias)
+        return plugin(*inputs, **plugin_node_attrs(stride, padding))
+
+    return {torch.ops.lkfx.dwconv2d.default: translate}
+
+
+def _register_onnx_schema() -> None:
+    """Declare the plugin node to onnx (the exporter builds nodes from schemas; onnx.checker then checks it)."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    if onnx.defs.has(PLUGIN_NAME, PLUGIN_DOMAIN):
+        return
+    param = OpSchema.FormalParameter
+    ints, string, integer = OpSchema.AttrType.INTS, OpSchema.AttrType.STRING, OpSchema.AttrType.INT
+    onnx.defs.register_schema(OpSchema(
+        PLUGIN_NAME, PLUGIN_DOMAIN, 1,
+        doc="Depthwise 2-D convolution (lkfx TensorRT plugin): x (N, C, H, W), weight (C, 1, KH, KW), bias (C,).",
+        inputs=[param("x", "T"), param("weight", "T"), param("bias", "T", param_option=OpSchema.FormalParameterOption.Optional)],
+        outputs=[param("y", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "float tensors")],
+        attributes=[OpSchema.Attribute("strides", ints, "stride per spatial axis"),
+                    OpSchema.Attribute("pads", ints, "zero padding: top, left, bottom, right"),
+                    OpSchema.Attribute("plugin_namespace", string, "TensorRT plugin namespace"),
+                    OpSchema.Attribute("plugin_version", string, "TensorRT plugin version"),
+                    OpSchema.Attribute("aot", integer, "1: use the plugin's ahead-of-time implementation")],
+    ))

@@ -111,8 +111,9 @@ def from_graph(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
         kept = {t.name for t in out.graph.initializer}
         out.graph.input.extend(i for i in like.graph.input if i.name in _initializer_inputs(like) & kept - listed)
     out.ir_version = like.ir_version
+    added = [o for o in out.opset_import if o.domain not in {d.domain for d in like.opset_import}]
     del out.opset_import[:]
-    out.opset_import.extend(like.opset_import)
+    out.opset_import.extend([*like.opset_import, *added])  # keep domains a pass introduced (plugin nodes)
     for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(out, field, getattr(like, field))
     del out.metadata_props[:]

@@ -11,7 +11,8 @@ from lkfx.passes.base import Pass, PassContext
 
 __all__ = ["Pass", "PassContext", "get_pass", "list_passes", "register_pass", "resolve_passes"]
 
-BUILTIN = ("fake_quant", "fft_conv", "fold_bn", "kernel_warehouse", "merge_reparam", "reparam_large_kernel")
+BUILTIN = ("fake_quant", "fft_conv", "fold_bn", "kernel_warehouse", "lower_dwconv", "merge_reparam",
+           "reparam_large_kernel")
 _REGISTRY: dict[str, type[Pass]] = {}
 _loaded = False
 

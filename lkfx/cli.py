@@ -91,24 +91,49 @@ def _optimize(args: argparse.Namespace) -> int:
         raise LkfxError("--calib-data was given but none of the selected passes uses calibration data")
     from lkfx.graph import onnx as gonnx
 
+    for path, what in ((dst, "output"), (args.report and Path(args.report), "report")):
+        if path:
+            _check_writable(path, what)
     out, report = lkfx.transform(src, pass_objs, check=args.check, return_report=True, calib_data=args.calib_data)
-    gonnx.save_atomic(out, dst)
-    if args.report:
+    report_tmp = None
+    if args.report:  # written beside its destination first, renamed once the model is saved: both or neither
         data = report.to_dict() | {"input": str(src), "output": str(dst)}
-        _write_text_atomic(Path(args.report), json.dumps(data, indent=2))
+        report_tmp = _write_temp(Path(args.report), json.dumps(data, indent=2))
+    try:
+        gonnx.save_atomic(out, dst)
+    except BaseException:
+        if report_tmp:
+            report_tmp.unlink(missing_ok=True)
+        raise
+    if report_tmp:
+        os.replace(report_tmp, args.report)
     if not args.quiet:
         print(report)
         print(f"wrote {dst} ({src.stat().st_size:,} -> {dst.stat().st_size:,} bytes)")
     return 0
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def _check_writable(path: Path, what: str) -> None:
+    """Before any work: `path` is not a directory and a file can be created beside it (os.access says yes to root
+    on read-only file systems such as /proc, so this tries)."""
     if path.is_dir():
-        raise LkfxError(f"report path '{path}' is a directory")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.resolve().parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+        example = path / ("out.onnx" if what == "output" else "report.json")
+        raise LkfxError(f"{what} path '{path}' is a directory; give a file name such as '{example}'")
+    folder = path.resolve().parent
+    if not folder.is_dir():
+        raise LkfxError(f"{what} folder '{folder}' does not exist")
+    _write_temp(path, "").unlink()
+
+
+def _write_temp(path: Path, text: str) -> Path:
+    """`text` in a new hidden temporary file beside `path`."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    except OSError as e:
+        raise LkfxError(f"cannot write '{path}': {e.strerror or e}") from e
+    return Path(tmp)
 
 
 def _passes(args: argparse.Namespace) -> int:
@@ -126,9 +151,10 @@ def _passes(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     import lkfx
+    from lkfx.passes import get_pass
 
     names = [parse_pass(s) for s in args.passes] if args.passes else \
-        [i["name"] for i in lkfx.list_passes() if "onnx" in i["frontends"]]
+        [i["name"] for i in lkfx.list_passes() if "onnx" in i["frontends"] and not get_pass(i["name"]).uses_calib_data]
     for spec in names:
         _, report = lkfx.transform(args.input, [spec], return_report=True)
         print(report)
@@ -152,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lkfx: interrupted, nothing written", file=sys.stderr)
         return 130
+    except Exception as e:  # never a traceback: one line, as for a failing pass
+        text = " ".join(str(e).split())[:300]
+        print(f"lkfx: internal error: {type(e).__name__}: {text} (please report this with the model)", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from google.protobuf.message import DecodeError
 from lkfx.errors import LkfxError
 
 MIN_OPSET = 7
+SYMBOLIC_SIZE = 16  # random_inputs: the size of a symbolic dimension that is neither batch nor conv channels
 _TWO_GB = 2**31 - 1
 
 
@@ -37,7 +38,11 @@ def load(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         if path.is_dir():
             raise LkfxError(f"input '{path}' is a directory; give the path of a .onnx file")
         try:
-            model = onnx.load_model_from_string(path.read_bytes())
+            data = path.read_bytes()
+        except OSError as e:
+            raise LkfxError(f"cannot read '{path}': {e.strerror}") from e
+        try:
+            model = onnx.load_model_from_string(data)
         except (DecodeError, RuntimeError, ValueError) as e:
             raise LkfxError(f"'{path}' is not a valid ONNX file (protobuf parse failed: {e}); is it truncated?") from e
         base_dir = path.resolve().parent
@@ -56,10 +61,14 @@ def _load_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
         if os.path.isabs(location) or not target.is_relative_to(base_dir):
             raise LkfxError(f"tensor '{t.name}' stores its data at '{location}', outside the model's folder; "
                             "refusing to read it (move the data file next to the model)")
-        if not target.is_file():
-            raise LkfxError(f"tensor '{t.name}' needs external data file '{location}', which is missing")
+        if not location or not target.is_file():
+            raise LkfxError(f"tensor '{t.name}' needs external data file '{location}', which is missing or not a file")
     if tensors:
-        load_external_data_for_model(model, str(base_dir))
+        try:
+            load_external_data_for_model(model, str(base_dir))
+        except (ValueError, OSError, onnx.checker.ValidationError) as e:  # offset / length past the end of the file
+            raise LkfxError(f"cannot read the model's external data: {one_line(e)}; is the data file truncated?") \
+                from e
 
 
 def _all_tensors(model: onnx.ModelProto):
@@ -68,9 +77,16 @@ def _all_tensors(model: onnx.ModelProto):
     return _get_all_tensors(model)
 
 
+def one_line(error: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
 def validate(model: onnx.ModelProto) -> None:
+    """Refuse what lkfx cannot rewrite safely, with the reason; `model` (lkfx's own copy) may be re-sorted."""
     if not model.graph.node and not model.graph.output:
         raise LkfxError("the ONNX model has an empty graph (no nodes, no outputs); is this really a model file?")
+    _check_structure(model.graph)
     default = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
     newest = onnx.defs.onnx_opset_version()
     if default and not MIN_OPSET <= default[0] <= newest:
@@ -81,8 +97,43 @@ def validate(model: onnx.ModelProto) -> None:
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
-        first = str(e).strip().splitlines()[0]
-        raise LkfxError(f"the input model fails onnx.checker: {first}") from e
+        raise LkfxError(f"the input model fails onnx.checker: {one_line(e)}") from e
+
+
+def _check_structure(graph: onnx.GraphProto) -> None:
+    """Name what onnx.checker reports only as 'not topologically sorted': a node input nothing produces, a graph
+    output nothing produces, a cycle. Acyclic graphs whose nodes are merely out of order are sorted."""
+    import networkx as nx
+
+    def name(i: int) -> str:
+        node = graph.node[i]
+        return f"'{node.name}'" if node.name else f"{node.op_type} #{i}"
+
+    producer = {o: i for i, node in enumerate(graph.node) for o in node.output if o}
+    given = {t.name for t in graph.initializer} | {v.name for v in graph.input} | {""}
+    deps = nx.DiGraph()
+    deps.add_nodes_from(range(len(graph.node)))
+    for i, node in enumerate(graph.node):
+        for tensor in node.input:
+            if tensor in producer:
+                deps.add_edge(producer[tensor], i)
+            elif tensor not in given:
+                raise LkfxError(f"node {name(i)} reads '{tensor}', which no node, initializer or graph input "
+                                "produces (a dangling input); fix the exporter or the graph edit that wrote this file")
+    for out in graph.output:
+        if out.name not in producer and out.name not in given:
+            raise LkfxError(f"graph output '{out.name}' is produced by no node, initializer or graph input")
+    try:
+        cycle = nx.find_cycle(deps)
+    except nx.NetworkXNoCycle:
+        order = list(nx.lexicographical_topological_sort(deps))
+        if order != sorted(order):
+            nodes = [graph.node[i] for i in order]
+            del graph.node[:]
+            graph.node.extend(nodes)
+        return
+    path = " -> ".join(name(a) for a, _ in cycle) + f" -> {name(cycle[0][0])}"
+    raise LkfxError(f"the graph has a cycle ({path}); ONNX graphs must be acyclic")
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -134,12 +185,15 @@ def save_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> None:
     if not os.access(folder, os.W_OK):
         raise LkfxError(f"output folder '{folder}' is not writable")
     big = model.ByteSize() > _TWO_GB
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise LkfxError(f"cannot write in output folder '{folder}': {e.strerror}") from e
     os.close(fd)
     data_name = f"{path.name}.data"
     try:
         if big:
-            onnx.save_model(model, tmp, save_as_external_data=True, location=f"{Path(tmp).name}.data")
+            _save_external(model, Path(tmp), f"{Path(tmp).name}.data")
             os.replace(f"{tmp}.data", folder / data_name)
             # point the model at the final data file name
             final = onnx.load_model(tmp, load_external_data=False)
@@ -152,10 +206,24 @@ def save_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> None:
             with open(tmp, "wb") as f:
                 f.write(model.SerializeToString())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         Path(f"{tmp}.data").unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise LkfxError(f"cannot write '{path}': {e.strerror or e}") from e
         raise
+
+
+def _save_external(model: onnx.ModelProto, path: Path, location: str) -> None:
+    """Save with the tensors in `location` beside `path`. onnx.save_model moves the tensors' bytes out of the
+    proto it is given; they are read back, so the caller's model stays whole."""
+    from onnx.external_data_helper import load_external_data_for_model
+
+    unset = [t for t in _all_tensors(model) if not t.HasField("data_location")]
+    onnx.save_model(model, str(path), save_as_external_data=True, location=location)
+    load_external_data_for_model(model, str(path.parent))
+    for t in unset:
+        t.ClearField("data_location")
 
 
 def stats(model: onnx.ModelProto) -> dict[str, Any]:
@@ -169,9 +237,10 @@ def stats(model: onnx.ModelProto) -> dict[str, Any]:
 
 
 def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
-    """One random batch for the graph inputs; symbolic or unknown dimensions become 1."""
+    """One random batch for the graph inputs. Symbolic or unknown dimensions: the batch (axis 0) is 1, the
+    channels (axis 1) of an input a Conv reads are the Conv's input channels, any other is `SYMBOLIC_SIZE`."""
     rng = np.random.default_rng(seed)
-    inits = {t.name for t in model.graph.initializer}
+    inits = {t.name: t for t in model.graph.initializer}
     feeds = {}
     for inp in model.graph.input:
         if inp.name in inits:
@@ -179,7 +248,12 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray
         tt = inp.type.tensor_type
         if not inp.type.HasField("tensor_type"):
             raise LkfxError(f"graph input '{inp.name}' is not a tensor; pass explicit inputs for the check")
-        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in tt.shape.dim]
+        if not tt.HasField("shape"):
+            raise LkfxError(f"graph input '{inp.name}' has no shape (unknown rank), so random inputs cannot be made "
+                            "for the check; give the input a shape (or pass example inputs)")
+        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else
+                 1 if axis == 0 else _conv_channels(model, inp.name, inits) if axis == 1 else SYMBOLIC_SIZE
+                 for axis, d in enumerate(tt.shape.dim)]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
         if np.issubdtype(dtype, np.floating):
             feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
@@ -188,6 +262,30 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray
         else:
             feeds[inp.name] = np.zeros(shape, dtype=dtype)
     return feeds
+
+
+def precision_ratio(model: onnx.ModelProto) -> float:
+    """How much coarser than float32 the model's float outputs are (float16: 8192, bfloat16: 65536, else 1): the
+    passes' tolerances are for float32 and scale by this for a check (values are rounded to that precision)."""
+    eps32 = float(np.finfo(np.float32).eps)
+    ratio = 1.0
+    for out in model.graph.output:
+        elem = out.type.tensor_type.elem_type
+        if elem == onnx.TensorProto.BFLOAT16:
+            ratio = max(ratio, 2.0**-7 / eps32)
+        elif elem == onnx.TensorProto.FLOAT16:
+            ratio = max(ratio, float(np.finfo(np.float16).eps) / eps32)
+    return ratio
+
+
+def _conv_channels(model: onnx.ModelProto, name: str, inits: dict[str, onnx.TensorProto]) -> int:
+    for node in model.graph.node:
+        if node.op_type == "Conv" and node.input[0] == name and len(node.input) > 1 and node.input[1] in inits:
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            dims = inits[node.input[1]].dims
+            if len(dims) > 1:
+                return int(dims[1] * group)
+    return SYMBOLIC_SIZE
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -199,7 +297,7 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray
     opts.log_severity_level = 3
     if model.ByteSize() > _TWO_GB:
         with tempfile.TemporaryDirectory() as d:
-            onnx.save_model(model, f"{d}/m.onnx", save_as_external_data=True)
+            _save_external(model, Path(d) / "m.onnx", "m.onnx.data")
             sess = ort.InferenceSession(f"{d}/m.onnx", opts, providers=["CPUExecutionProvider"])
             return sess.run(None, feeds)
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])

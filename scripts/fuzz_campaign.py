@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     checks = [("fx", name, chain, check_fx) for name, chain in FX_CHAINS.items()] + \
              [("onnx", name, chain, check_onnx) for name, chain in ONNX_CHAINS.items()]
     stats = {f"{fe}:{name}": {"networks": 0, "rewritten": Counter(), "skipped": Counter(), "refused": Counter(),
-                              "reasons": Counter(), "refolded": 0, "max_error": 0.0, "failures": []}
+                              "reasons": Counter(), "refolded": 0, "widened": 0, "max_error": 0.0, "failures": []}
              for fe, name, _, _ in checks}
     start = time.perf_counter()
     for seed in tqdm(range(args.start, args.start + args.count), desc="networks", unit="net", disable=args.verbose):
@@ -73,13 +73,14 @@ def main(argv: list[str] | None = None) -> int:
             s["refused"].update(_reason_key(r) for r in outcome.refused)
             s["reasons"].update(_reason_key(r) for r in outcome.reasons)
             s["refolded"] += outcome.refolded
+            s["widened"] += outcome.widened
             s["max_error"] = max(s["max_error"], outcome.error)
     elapsed = time.perf_counter() - start
     for key, s in stats.items():
         fails = len(s["failures"])
         print(f"{key:<42} networks {s['networks']:>6}  rewritten {dict(s['rewritten'])}  skipped {dict(s['skipped'])}"
-              f"  refused {sum(s['refused'].values())}  refolded {s['refolded']}  max error {s['max_error']:.2g}"
-              f"  failures {fails}")
+              f"  refused {sum(s['refused'].values())}  refolded {s['refolded']}  widened {s['widened']}"
+              f"  max error {s['max_error']:.2g}  failures {fails}")
     total = sum(len(s["failures"]) for s in stats.values())
     print(f"{args.count} networks x {len(checks)} chains in {elapsed:.0f} s: {total} failures")
     if args.out:

@@ -241,8 +241,8 @@ def example_input(net: Net, seed: int = 1, batch: int = 2) -> np.ndarray:
 
 
 # --- torch --------------------------------------------------------------------------------------------------
-def to_module(net: Net) -> Any:
-    """The network as an nn.Module in eval mode (one BN in training mode where the net says so)."""
+def to_module(net: Net, train_bn: bool = True) -> Any:
+    """The network as an nn.Module in eval mode (a BN in training mode where the net says so and `train_bn`)."""
     import torch
     from torch import nn
 
@@ -296,7 +296,7 @@ def to_module(net: Net) -> Any:
 
     model = FuzzNet().eval()
     for op in net.ops:
-        if op.kind == "bn" and op.attrs[1]:
+        if op.kind == "bn" and op.attrs[1] and train_bn:
             model.bns[str(op.module)].train()
     return model
 

@@ -1,7 +1,10 @@
 """The property every exact pass must satisfy on every network of `netgen`, on both frontends:
 
 - the result computes what the original did, within the passes' tolerance (fp32 max relative error), or the pass
-  refused: a skip with a non-empty reason in the report (or, for the whole call, an `LkfxError`);
+  refused: a skip with a non-empty reason in the report (or, for the whole call, an `LkfxError`). A network so
+  ill-conditioned that fp32 rounding alone moves its output by more than the tolerance (e.g. a training-mode BN
+  normalising two values per channel) gets `SENSITIVITY` x that rounding error (the original in fp32 vs in fp64)
+  as its tolerance, and is counted (`Outcome.widened`): an exact rewrite only changes rounding;
 - no other exception; the caller's model is untouched;
 - `fold_bn`: each rewrite removes one BatchNorm. What a second run still folds is recorded (`Outcome.refolded`),
   not asserted: fold_bn folds one BatchNorm of a chain conv -> BN -> BN per run (the rule sees the second BN's
@@ -24,6 +27,7 @@ from lkfx.errors import LkfxError
 
 from .netgen import Net, example_input, to_module, to_onnx
 
+SENSITIVITY = 4
 RLK = ("reparam_large_kernel", {"kernel_size": 7, "min_kernel": 3})
 FFT = ("fft_conv", {"mode": "always", "min_kernel": 1})
 FX_CHAINS: dict[str, list] = {
@@ -49,6 +53,7 @@ class Outcome:
     refused: list[str] = field(default_factory=list)  # LkfxError messages for the whole call
     reasons: list[str] = field(default_factory=list)  # "pass: reason" of every skip
     refolded: int = 0  # BatchNorms a second fold_bn run still folded
+    widened: int = 0  # comparisons that needed the ill-conditioning tolerance
     error: float = 0.0
 
 
@@ -56,6 +61,24 @@ def _tolerance(passes: list) -> float:
     from lkfx.passes import resolve_passes
 
     return max(p.tolerance for p in resolve_passes(passes))
+
+
+def rounding_error(net: Net, train_bn: bool = True) -> float:
+    """How far fp32 rounding alone moves the network's output: the original in fp32 vs the same in fp64."""
+    import torch
+
+    model = to_module(net, train_bn)
+    x = torch.from_numpy(example_input(net))
+    return max_rel_error(_fx_outputs(model.double(), x.double()), _fx_outputs(model.float(), x))
+
+
+def _assert_close(outcome: Outcome, err: float, tol: float, net: Net, train_bn: bool, what: str) -> None:
+    if err > tol:
+        rounding = rounding_error(net, train_bn)
+        assert err <= SENSITIVITY * rounding, \
+            f"{what}: max relative error {err:.3g} > tolerance {tol:g} (fp32 rounding alone: {rounding:.3g})"
+        outcome.widened += 1
+    outcome.error = max(outcome.error, err)
 
 
 def _record(outcome: Outcome, report: Any) -> None:
@@ -104,9 +127,7 @@ def check_fx(net: Net, chain: list) -> Outcome:
             break
         _record(outcome, report)
         err = max_rel_error(ref, _fx_outputs(current, x))
-        tol = _tolerance([step])
-        assert err <= tol, f"FX {step} after {chain}: max relative error {err:.3g} > {tol:g}\n{report}"
-        outcome.error = max(outcome.error, err)
+        _assert_close(outcome, err, _tolerance([step]), net, True, f"FX {step} after {chain}\n{report}\n")
         if step == "fold_bn":
             bns = _fx_bn_count(current)
             assert bns == _fx_bn_count(previous) - report["fold_bn"].rewritten, "fold_bn count of BatchNorms"
@@ -135,9 +156,7 @@ def check_onnx(net: Net, chain: list) -> Outcome:
     assert model.SerializeToString() == before, "transform modified the caller's ModelProto"
     _record(outcome, report)
     err = max_rel_error(ref, gonnx.run(out, feeds))
-    tol = _tolerance(chain)
-    assert err <= tol, f"ONNX {chain}: max relative error {err:.3g} > {tol:g}\n{report}"
-    outcome.error = err
+    _assert_close(outcome, err, _tolerance(chain), net, False, f"ONNX {chain}\n{report}\n")
     if chain == ["fold_bn"]:
         count = sum(n.op_type == "BatchNormalization" for n in out.graph.node)
         assert count == sum(n.op_type == "BatchNormalization" for n in model.graph.node) - report["fold_bn"].rewritten

@@ -22,7 +22,7 @@ Gradients: registered with ``register_autograd``; the backward calls the ops ``l
 ONNX: `onnx_translation_table()` gives ``torch.onnx.export(..., custom_translation_table=...)`` the
 translation to the TensorRT plugin node that `lower_dwconv` writes (`plugin_node_attrs`): op_type
 ``dwconv2d`` in domain ``lkfx``, attributes ``strides``, ``pads``, ``plugin_namespace="lkfx"``,
-``plugin_version="1"``, ``aot=1``.
+``plugin_version="1"``, ``aot=1``, inputs x, weight, bias (always three: a conv without bias gets zeros).
 """
 
 from __future__ import annotations
@@ -164,14 +164,16 @@ dwconv2d.register_autograd(_backward, setup_context=_setup_context)
 
 def onnx_translation_table() -> dict:
     """``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)``: the op becomes the plugin node."""
+    from onnxscript import opset18 as op
     from onnxscript import values
 
     _register_onnx_schema()
     plugin = values.Opset(PLUGIN_DOMAIN, 1)[PLUGIN_NAME]
 
     def translate(x, weight, bias=None, stride=(1, 1), padding=(0, 0, 0, 0)):
-        inputs = (x, weight) if bias is None else (x, weight, bias)
-        return plugin(*inputs, **plugin_node_attrs(stride, padding))
+        if bias is None:  # the plugin always takes a bias: zeros of the weight's type, constant-folded by runtimes
+            bias = op.ReduceSum(op.Sub(weight, weight), op.Constant(value_ints=[1, 2, 3]), keepdims=0)
+        return plugin(x, weight, bias, **plugin_node_attrs(stride, padding))
 
     return {torch.ops.lkfx.dwconv2d.default: translate}
 
@@ -188,7 +190,7 @@ def _register_onnx_schema() -> None:
     onnx.defs.register_schema(OpSchema(
         PLUGIN_NAME, PLUGIN_DOMAIN, 1,
         doc="Depthwise 2-D convolution (lkfx TensorRT plugin): x (N, C, H, W), weight (C, 1, KH, KW), bias (C,).",
-        inputs=[param("x", "T"), param("weight", "T"), param("bias", "T", param_option=OpSchema.FormalParameterOption.Optional)],
+        inputs=[param("x", "T"), param("weight", "T"), param("bias", "T")],
         outputs=[param("y", "T")],
         type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "float tensors")],
         attributes=[OpSchema.Attribute("strides", ints, "stride per spatial axis"),

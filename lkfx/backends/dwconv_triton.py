@@ -50,18 +50,19 @@ def _configs(options: list[tuple[int, int, int, int]]) -> list[triton.Config]:
 
 
 # small maps want many channels per tile (a 7x7 map fills few lanes), large maps wide rows of few channels
-_TILE_OPTIONS = [
+TILE_OPTIONS = [
     (1, 16, 32, 4), (1, 32, 32, 4), (2, 16, 16, 4), (4, 8, 16, 4), (4, 16, 16, 4),
     (8, 8, 8, 4), (16, 4, 8, 4), (16, 8, 8, 4), (32, 4, 4, 4), (1, 16, 64, 8), (2, 16, 32, 8),
 ]
 _WGRAD_OPTIONS = [(16, 8, 16, 4), (32, 8, 8, 4), (8, 16, 16, 4), (4, 16, 32, 4), (64, 4, 4, 4), (16, 16, 16, 8)]
 
 
-@triton.autotune(configs=_configs(_TILE_OPTIONS), key=_KEY)
 @triton.jit
-def _forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W, OH, OW, KH, KW, PT, PL, size_class, k_class,
-                    SH: tl.constexpr, SW: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+def forward_tile(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W, OH, OW, KH, KW, PT, PL,
+                 SH: tl.constexpr, SW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """The forward tile of program (n * cdiv(C, BLOCK_C) + channel block, row block, column block); shared by
+    the autotuned kernel below and the TensorRT plugin's ahead-of-time kernel."""
     n_cb = tl.cdiv(C, BLOCK_C)
     n = tl.program_id(0) // n_cb
     c = (tl.program_id(0) % n_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -96,7 +97,16 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W, OH, OW, KH, KW, PT, PL,
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
-@triton.autotune(configs=_configs(_TILE_OPTIONS), key=_KEY)
+@triton.autotune(configs=_configs(TILE_OPTIONS), key=_KEY)
+@triton.jit
+def _forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W, OH, OW, KH, KW, PT, PL, size_class, k_class,
+                    SH: tl.constexpr, SW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    forward_tile(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W, OH, OW, KH, KW, PT, PL, SH, SW, HAS_BIAS,
+                 BLOCK_C, BLOCK_H, BLOCK_W)
+
+
+@triton.autotune(configs=_configs(TILE_OPTIONS), key=_KEY)
 @triton.jit
 def _grad_input_kernel(dy_ptr, w_ptr, dx_ptr, C, H, W, OH, OW, KH, KW, PT, PL, size_class, k_class,
                        SH: tl.constexpr, SW: tl.constexpr,
@@ -166,7 +176,8 @@ def _grad_weight_kernel(dy_ptr, x_ptr, dw_ptr, N, C, H, W, OH, OW, KH, KW, PT, P
                 for ow0 in range(ow_lo, ow_hi, BLOCK_W):
                     ow = ow0 + tl.arange(0, BLOCK_W)
                     iw = ow * SW - PL + kw
-                    ok = c_ok[:, None, None] & row_ok[None, :, None] & ((ow < ow_hi) & (iw >= 0) & (iw < W))[None, None, :]
+                    col_ok = (ow < ow_hi) & (iw >= 0) & (iw < W)
+                    ok = c_ok[:, None, None] & row_ok[None, :, None] & col_ok[None, None, :]
                     g = tl.load(dy_ptr + plane[:, None, None] * OH * OW + (oh * OW)[None, :, None]
                                 + ow[None, None, :], mask=ok, other=0.0)
                     xv = tl.load(x_ptr + plane[:, None, None] * H * W + (ih * W)[None, :, None] + iw[None, None, :],

@@ -5,7 +5,7 @@ route runs it through onnxruntime-extensions' Python custom ops (``pip install o
 
 1. `to_contrib` copies the model and turns each plugin node into a node of the extensions' Python-op domain
    ``ai.onnx.contrib`` with the same op_type; its strides and pads become int64 scalar attributes (the Python
-   ops take no int lists) and a missing bias becomes a zero initializer (one op signature: x, weight, bias).
+   ops take no int lists).
 2. The op computes ``F.conv2d(F.pad(x, pads), weight, bias, strides, groups=C)`` in PyTorch on the CPU: an
    implementation independent of lkfx's own kernels, so a wrong lowering (pads, strides, bias) shows up.
 3. `run` opens an onnxruntime CPU session with the extensions library registered and runs it.
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from lkfx.backends.dwconv_op import PLUGIN_DOMAIN, PLUGIN_NAME
 from lkfx.errors import LkfxError
@@ -57,25 +57,14 @@ def to_contrib(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` whose ``lkfx::dwconv2d`` plugin nodes are onnxruntime-extensions Python-op nodes."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    inits = {t.name: t for t in out.graph.initializer}
-    names = {t.name for t in out.graph.initializer} | {o for n in out.graph.node for o in n.output}
     for node in out.graph.node:
         if node.domain != PLUGIN_DOMAIN or node.op_type != PLUGIN_NAME:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         (sh, sw), (pt, pl, pb, pr) = attrs["strides"], attrs["pads"]
-        if len(node.input) < 3 or not node.input[2]:
-            w = inits.get(node.input[1])
-            if w is None:
-                raise LkfxError(f"plugin node '{node.name}' has no bias and a computed weight; the verification "
-                                "route needs the weight as an initializer to make a zero bias")
-            name = f"{node.name or node.output[0]}_zero_bias"
-            while name in names:
-                name += "_"
-            names.add(name)
-            out.graph.initializer.append(numpy_helper.from_array(np.zeros(w.dims[0], np.float32), name))
-            del node.input[2:]
-            node.input.append(name)
+        if len(node.input) != 3 or not node.input[2]:
+            raise LkfxError(f"plugin node '{node.name}' has {len(node.input)} inputs; lkfx::dwconv2d takes three "
+                            "(x, weight, bias)")
         node.domain = CONTRIB_DOMAIN
         del node.attribute[:]
         node.attribute.extend(helper.make_attribute(k, int(v)) for k, v in zip(_ATTRS, (sh, sw, pt, pl, pb, pr),

@@ -6,7 +6,7 @@ This pass moves each depthwise conv whose kernel has a side of at least ``min_ke
 plugin node in ONNX::
 
     x ── Conv2d(C, C, K, groups=C) ── y      becomes   x ── torch.ops.lkfx.dwconv2d(x, W, b, stride, pads) ── y
-    x ── Conv(group=C, W: C x 1 x K x K) ── y   becomes   x ── lkfx::dwconv2d(W, b; strides, pads,
+    x ── Conv(group=C, W: C x 1 x K x K) ── y   becomes   x ── lkfx::dwconv2d(W, b or 0; strides, pads,
                                                                  plugin_namespace="lkfx", plugin_version="1",
                                                                  aot=1) ── y
 
@@ -31,6 +31,8 @@ SAME_* only at stride 1 (else the padding depends on the input size). Others are
 from __future__ import annotations
 
 from typing import Any
+
+import numpy as np
 
 from lkfx.errors import LkfxError
 from lkfx.passes import Pass, PassContext, register_pass
@@ -145,8 +147,13 @@ class LowerDwconv(Pass):
                 report.skip(where, reason)
                 continue
             (pt, pb), (pl, pr) = _onnx_pads(conv, shape[2:])
-            while len(conv.inputs) > (3 if view.optional_input(conv, 2) is not None else 2):
-                conv.inputs.pop()  # an empty optional bias name
+            if view.optional_input(conv, 2) is None:  # the plugin always takes a bias
+                dtype = w.dtype if w is not None else (conv.inputs[1].dtype or np.float32)
+                zeros = view.new_const(f"{where}_zero_bias", np.zeros(shape[0], dtype))
+                if len(conv.inputs) > 2:
+                    conv.inputs[2] = zeros  # was an empty optional input
+                else:
+                    conv.inputs.append(zeros)
             conv.op, conv.domain = PLUGIN_NAME, PLUGIN_DOMAIN
             conv.attrs = plugin_node_attrs(stride, [pt, pl, pb, pr])
             report.note(f"{where}: {shape[2]}x{shape[3]} depthwise, {shape[0]} channels, strides {stride}, pads "

@@ -187,6 +187,31 @@ def _grad_weight_kernel(dy_ptr, x_ptr, dw_ptr, N, C, H, W, OH, OW, KH, KW, PT, P
         tl.store(dw_ptr + (part * C + c) * (KH * KW) + kh * KW + kw, total, mask=c_ok)
 
 
+@triton.jit
+def aot_forward_kernel(x_ptr, w_ptr, b_ptr, C, H, W, OH, OW, KH, KW, PT, PL, y_ptr,
+                       SH: tl.constexpr, SW: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """The forward with a bias, arguments in the order ahead-of-time launchers (TensorRT plugins) use: input
+    pointers, int32 scalars, output pointer. Grid: (N * cdiv(C, BLOCK_C), cdiv(OH, BLOCK_H), cdiv(OW, BLOCK_W))."""
+    forward_tile(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W, OH, OW, KH, KW, PT, PL, SH, SW, True,
+                 BLOCK_C, BLOCK_H, BLOCK_W)
+
+
+AOT_SCALARS = ("C", "H", "W", "OH", "OW", "KH", "KW", "PT", "PL")
+
+
+def compile_aot_forward(dtype: str, stride: tuple[int, int], tile: tuple[int, int, int, int], target=None):
+    """Compile `aot_forward_kernel` for `dtype` ('fp32', 'fp16', 'bf16'), `stride` and a `TILE_OPTIONS` entry,
+    for the current GPU or `target` (a ``triton.backends.compiler.GPUTarget``; compiling needs no GPU)."""
+    block_c, block_h, block_w, num_warps = tile
+    ptr = f"*{dtype}"
+    constexprs = {"SH": stride[0], "SW": stride[1], "BLOCK_C": block_c, "BLOCK_H": block_h, "BLOCK_W": block_w}
+    signature = {"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, **dict.fromkeys(AOT_SCALARS, "i32"), "y_ptr": ptr,
+                 **dict.fromkeys(constexprs, "constexpr")}
+    source = triton.compiler.ASTSource(fn=aot_forward_kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=target, options={"num_warps": num_warps})
+
+
 # --- host side ---------------------------------------------------------------------------------------------
 def output_size(size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int],
                 padding: tuple[int, int, int, int]) -> tuple[int, int]:

@@ -8,11 +8,11 @@ Accepted forms (``inputs`` is the model's ``{name: (shape, dtype)}``, ``None`` f
 - in Python: a ``{name: array}`` dict; one array (single-input models); or an iterable of batches, each an
   array, a ``{name: array}`` dict or a tuple of arrays in input order. Torch tensors are accepted too.
 
-Each block of samples given is one batch, as given, when the model's batch dimension (dim 0) is free; when the
-model fixes it to B, a block is cut into batches of B samples. Every array must have the input's dtype, rank and
-fixed dimensions, the same number of samples as the other inputs of its batch, and finite values. ``num_batches``
-> 0 takes the first that many batches and fails if there are fewer; a generator is read no further than that.
-Pickled arrays are never loaded.
+Each block of samples given is one batch, as given, when the model's batch dimension (dim 0) is free; when every
+input fixes it to the same B, a block is cut into batches of B samples. Every array must have the input's dtype,
+rank and fixed dimensions and finite values (and, to be cut, as many samples as the other inputs of its block).
+``num_batches`` > 0 takes the first that many batches and fails if there are fewer; a generator is read no further
+than that. Pickled arrays are never loaded.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def _as_numpy(value: Any) -> np.ndarray:
 
 
 def _check_block(block: dict[str, Any], inputs: InputSpec) -> Batch:
-    out, samples = {}, {}
+    out = {}
     for name, (shape, dtype) in inputs.items():
         a = _as_numpy(block[name])
         if a.dtype != dtype:
@@ -154,10 +154,6 @@ def _check_block(block: dict[str, Any], inputs: InputSpec) -> Batch:
         if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
             raise LkfxError(f"calibration input '{name}' contains NaN or infinite values")
         out[name] = a
-        if a.ndim:
-            samples[name] = a.shape[0]
-    if len(set(samples.values())) > 1:
-        raise LkfxError(f"calibration inputs have different numbers of samples: {samples}")
     return out
 
 
@@ -166,13 +162,17 @@ def _shape(shape: tuple[int | None, ...]) -> str:
 
 
 def _split(block: Batch, inputs: InputSpec) -> list[Batch]:
-    """Cut a block into batches of the model's fixed batch size; one batch when the batch dimension is free."""
-    fixed = {shape[0] for shape, _ in inputs.values() if shape and shape[0] is not None}
-    if not fixed or all(a.ndim == 0 for a in block.values()):
+    """Cut a block into batches of the model's batch size B when every input fixes dim 0 to the same B; otherwise
+    the block is one batch."""
+    fixed = {shape[0] if shape else None for shape, _ in inputs.values()}
+    if len(fixed) != 1 or None in fixed:
         return [block]
     size = fixed.pop()
-    n = next(a.shape[0] for a in block.values() if a.ndim)
+    samples = {k: a.shape[0] for k, a in block.items()}
+    if len(set(samples.values())) > 1:
+        raise LkfxError(f"calibration inputs have different numbers of samples: {samples}")
+    n = next(iter(samples.values()))
     if n % size:
         raise LkfxError(f"calibration data has a block of {n} samples but the model's batch dimension is fixed at "
                         f"{size}; give a multiple of {size} samples")
-    return [{k: a[i:i + size] if a.ndim else a for k, a in block.items()} for i in range(0, n, size)]
+    return [{k: a[i:i + size] for k, a in block.items()} for i in range(0, n, size)]

@@ -136,7 +136,7 @@ def _fold_bn(graph: gs.Graph, report: PassReport) -> None:
     if folded.rewritten:
         report.note(f"fold_bn folded {folded.rewritten} BatchNormalization first")
     for s in folded.skipped:
-        report.note(f"fold_bn left {s.where} in float: {s.reason}")
+        report.note(f"fold_bn did not fold {s.where} (it stays float): {s.reason}")
 
 
 def _float_tensors(graph: gs.Graph) -> set[str]:

@@ -15,6 +15,14 @@ from lkfx.passes import Pass, PassContext, list_passes, register_pass
 from lkfx.report import PassReport, Report
 
 
+def calibrate(model: Any, data: Any, *, method: str | None = None, num_batches: int = 0, **options: Any) -> Any:
+    """Set the activation ranges of a fake-quant torch model (pass fake_quant) from calibration batches, in
+    place; see `lkfx.quant.calibrate.calibrate`."""
+    from lkfx.quant.calibrate import calibrate as run
+
+    return run(model, data, method=method, num_batches=num_batches, **options)
+
+
 def set_temperature(model: Any, tau: float) -> int:
     """Set the attention temperature of every KernelWarehouse conv in `model` (pass kernel_warehouse)."""
     from lkfx.modules.kernel_warehouse import set_temperature as set_tau
@@ -31,6 +39,7 @@ __all__ = [
     "PassError",
     "PassReport",
     "Report",
+    "calibrate",
     "list_passes",
     "register_pass",
     "set_temperature",

@@ -22,6 +22,10 @@ P). With ``p, q`` normalised::
     js            (KL(P || M) + KL(Q || M)) / 2,  M = (P + Q) / 2
     mse           sum over all bins of count * (c - fake_quant(c))^2, c the bin centre
 
+Exact zeros (a ReLU output's spike, padding) are left out of the searches: every grid represents 0 exactly, and
+the spike, spread over its group of bins by ``Q``, would otherwise dominate the divergence (TensorRT's
+calibrator likewise overwrites bin 0 with bin 1).
+
 The histogram keeps negative and positive values on a grid anchored at 0 whose bin width is a power of two,
 the smallest for which max|x| spans at most ``2 * bins`` bins (so at least ``bins`` bins cover the data). A batch
 with a larger range doubles the width (adjacent bins are summed, which is exact), so histograms of any batches
@@ -174,6 +178,7 @@ class HistogramObserver(Observer):
         self.exponent: int | None = None  # bin width is 2 ** exponent
         self.pos = torch.zeros(self.size, dtype=torch.float64)  # pos[k]: x in [k w, (k+1) w)
         self.neg = torch.zeros(self.size, dtype=torch.float64)  # neg[k]: x in [-(k+1) w, -k w)
+        self.zeros = torch.zeros(1, dtype=torch.float64)  # exact zeros (also counted in pos[0])
         self.lo = math.inf
         self.hi = -math.inf
 
@@ -215,6 +220,7 @@ class HistogramObserver(Observer):
         w = 2.0**self.exponent
         pos, neg = x[x >= 0], -x[x < 0]
         self.pos += torch.bincount(torch.floor(pos / w).long(), minlength=self.size).double()
+        self.zeros += (pos == 0).sum()
         self.neg += torch.bincount(torch.ceil(neg / w).long() - 1, minlength=self.size).double()
 
     def merge(self, other: Observer) -> None:
@@ -222,6 +228,7 @@ class HistogramObserver(Observer):
             return
         self._rebin(max(other.exponent, self.exponent if self.exponent is not None else other.exponent))
         self.pos += other._coarsen(other.pos, self.exponent - other.exponent)
+        self.zeros += other.zeros
         self.neg += other._coarsen(other.neg, self.exponent - other.exponent)
         self.lo, self.hi = min(self.lo, other.lo), max(self.hi, other.hi)
 
@@ -234,14 +241,16 @@ class HistogramObserver(Observer):
         dist.all_reduce(e, op=dist.ReduceOp.MAX)
         self._rebin(int(e[0]))
         self.lo, self.hi = -float(e[1]), float(e[2])
-        counts = torch.cat([self.pos, self.neg])
+        counts = torch.cat([self.pos, self.neg, self.zeros])
         dist.all_reduce(counts)
-        self.pos, self.neg = counts[: self.size].clone(), counts[self.size:].clone()
+        self.pos, self.neg, self.zeros = counts[: self.size], counts[self.size: 2 * self.size], counts[-1:]
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         self._require_data(self.exponent is not None)
         w = 2.0**self.exponent
-        pos, neg = self.pos.numpy(), self.neg.numpy()
+        pos, neg = self.pos.numpy().copy(), self.neg.numpy()
+        if self.method != "percentile":
+            pos[0] -= float(self.zeros)  # 0 is exact on every grid: a ReLU's spike of zeros must not pick the range
         qmin, qmax = quant_range(self.bits, self.symmetric)
         signed = not self.symmetric and self.lo < 0
         if self.method == "percentile":
@@ -345,8 +354,8 @@ def make_observer(method: str, *, bits: int = 8, symmetric: bool = False, axis: 
         raise LkfxError(f"unknown observer option(s) {', '.join(map(repr, unknown))}; valid options: "
                         + ", ".join(f"{k}={v!r}" for k, v in OPTIONS.items()))
     o = {**OPTIONS, **options}
-    if not (isinstance(bits, int) and 2 <= bits <= 16):
-        raise LkfxError(f"bits must be an integer from 2 to 16, got {bits!r}")
+    if not (isinstance(bits, int) and 2 <= bits <= 8):
+        raise LkfxError(f"bits must be an integer from 2 to 8 (ONNX QuantizeLinear is 8-bit), got {bits!r}")
     if not 0 < o["percentile"] <= 100:
         raise LkfxError(f"percentile must be in (0, 100], got {o['percentile']!r}")
     if not (float(o["bins"]).is_integer() and o["bins"] >= 16):

@@ -1,6 +1,16 @@
-"""fake_quant: simulate int8 inference with quantize -> dequantize nodes (QAT and post-training calibration).
+"""fake_quant: simulate int8 inference with quantize -> dequantize (QDQ) nodes, for post-training calibration
+and quantization-aware training.
 
-Work in progress: the FX frontend lives in `fx.py`, the ONNX frontend in `onnx.py`.
+Weights: symmetric per output channel (``weight_bits``). Activations: per tensor, asymmetric unless
+``act_symmetric`` (``act_bits``), at the points ``placement`` names (``tensorrt``: inputs of conv / linear /
+matmul and of residual adds; ``ort``: those and the outputs of those ops). Ranges come from calibration
+batches with ``method`` (`lkfx.quant.observers`: minmax, ema, percentile, kl, symmetric_kl, js, mse; histogram
+searches set by ``bins``, ``search_start_scale``, ``search_end_scale``, ``search_step``; ``num_batches`` = 0 uses
+all). The math of quantization and of the QAT BatchNorm fold is in `lkfx.modules.fake_quant`.
+
+torch.fx (`fx.py`): fake-quant modules in the graph; ``qat=True`` fuses conv + BN for training (torch only).
+The model exports with ``torch.onnx.export`` to QuantizeLinear / DequantizeLinear pairs.
+ONNX (`onnx.py`): QDQ nodes inserted into the float model, calibrated with onnxruntime on ``--calib-data``.
 """
 
 from __future__ import annotations
@@ -30,6 +40,12 @@ class FakeQuant(Pass):
     }
     exact = False
     uses_calib_data = True
+    module_fallback = False  # calibration needs the whole model
+
+    def fx_leaf_modules(self, model: Any) -> tuple[type, ...]:
+        from lkfx.modules.fake_quant import ConvBnFakeQuant, FakeQuant, WeightFakeQuant
+
+        return (FakeQuant, WeightFakeQuant, ConvBnFakeQuant)
 
     def run_fx(self, gm: Any, ctx: PassContext) -> Any:
         from lkfx.passes.fake_quant.fx import run_fx

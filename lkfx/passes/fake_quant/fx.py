@@ -1,0 +1,228 @@
+"""fake_quant on torch.fx: weight and activation fake-quant where an int8 backend quantizes.
+
+Post-training (``qat=False``): BatchNorms are folded first (`fold_bn`), then::
+
+    x -> conv(W, b)          becomes      x -> FakeQuant -> conv(WeightFakeQuant(W), b)
+
+Every conv / linear (module or functional) reads its weight through a `WeightFakeQuant` (symmetric, per output
+channel, ``weight_bits``); a module conv becomes the functional call on the same parameters (its padding mode
+kept), so the state dict keeps its names. Activations get one `FakeQuant` per tensor (per-tensor,
+``act_bits``, asymmetric unless ``act_symmetric``), placed by ``placement``:
+
+- ``tensorrt`` (TensorRT / ModelOpt QDQ rules): the data inputs of conv, linear and matmul, and both inputs of a
+  residual add; other consumers of the tensor keep reading the float value.
+- ``ort`` (onnxruntime's QDQ format): those inputs plus the outputs of conv, linear, matmul and add (after a
+  ReLU that is their only reader, which onnxruntime then drops), so each becomes one int8 kernel.
+
+QAT (``qat=True``): module conv -> BatchNorm pairs become `ConvBnFakeQuant` (folded, fake-quantized weights with
+the batch-statistics correction until `lkfx.quant.freeze_bn`), the activation quantizers track moving-average
+ranges in training mode. With ``ctx.calib_data`` (``transform(..., calib_data=batches)``) the model is
+calibrated at the end (`lkfx.calibrate`); otherwise call `lkfx.calibrate` (or, for QAT, train) before using it.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lkfx.errors import LkfxError
+from lkfx.modules.fake_quant import ConvBnFakeQuant, FakeQuant, WeightFakeQuant
+from lkfx.passes import PassContext
+from lkfx.patterns.fx import FxView, is_metadata_read
+from lkfx.quant.observers import OPTIONS, make_observer
+
+aten = torch.ops.aten
+PLACEMENTS = ("tensorrt", "ort")
+_ADD = {operator.add, operator.iadd, torch.add, aten.add.Tensor}
+_MATMUL = {operator.matmul, torch.matmul, torch.mm, torch.bmm, aten.mm.default, aten.bmm.default,
+           aten.matmul.default}
+_RELU = {F.relu, torch.relu, aten.relu.default}
+_FUNCTIONAL = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def check_config(config: dict[str, Any]) -> None:
+    """Refuse bad option values with a message that lists the valid ones."""
+    if config["placement"] not in PLACEMENTS:
+        raise LkfxError(f"fake_quant placement must be one of {', '.join(PLACEMENTS)}, got {config['placement']!r}")
+    for key in ("weight_bits", "act_bits"):
+        if config[key] not in range(2, 9):
+            raise LkfxError(f"fake_quant {key} must be an integer from 2 to 8, got {config[key]!r}")
+    if not (isinstance(config["num_batches"], int) and config["num_batches"] >= 0):
+        raise LkfxError(f"fake_quant num_batches must be an integer >= 0 (0 = all), got {config['num_batches']!r}")
+    make_observer(config["method"], **observer_options(config))  # validates the method and its options
+
+
+def observer_options(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: config[k] for k in OPTIONS if k in config}
+
+
+def _is(node: fx.Node, functions: set, methods: tuple[str, ...], modules: tuple[type, ...] = ()) -> bool:
+    """Whether `node` calls one of `functions`, a method named in `methods`, or a module of a type in `modules`."""
+    if node.op == "call_function":
+        return node.target in functions
+    if node.op == "call_method":
+        return node.target in methods
+    if node.op == "call_module":
+        return isinstance(node.graph.owning_module.get_submodule(node.target), modules)
+    return False
+
+
+def _is_activation(value: Any) -> bool:
+    """A tensor computed in the graph (or a graph input): not a constant, not a shape / size value."""
+    if not isinstance(value, fx.Node) or value.op in ("get_attr", "output") or is_metadata_read(value):
+        return False
+    if value.op == "call_function" and value.target is operator.getitem:
+        return _is_activation(value.args[0])
+    return True
+
+
+def _fuse_conv_bn(gm: fx.GraphModule, view: FxView, bits: int, ctx: PassContext) -> int:
+    """QAT: module conv -> module BatchNorm pairs become one ConvBnFakeQuant (under the conv's name)."""
+    fused = 0
+    for bn_node in view.candidates(frozenset({"batch_norm"})):
+        conv_node = bn_node.args[0] if bn_node.args else None
+        if bn_node.op != "call_module" or not isinstance(conv_node, fx.Node) or conv_node.op != "call_module" \
+                or view.kind(conv_node) != "conv":
+            continue
+        where = f"{conv_node.target} + {bn_node.target}"
+        ctx.report.matched += 1
+        conv, bn = gm.get_submodule(conv_node.target), gm.get_submodule(bn_node.target)
+        others = view.users_besides(conv_node, bn_node)
+        reason = (f"the conv output is also used by {', '.join(others)}" if others else
+                  "BatchNorm has no running statistics" if bn.running_var is None else
+                  f"BatchNorm has {bn.num_features} channels, the conv {conv.out_channels}"
+                  if bn.num_features != conv.out_channels else None)
+        if reason:
+            ctx.report.skip(where, f"conv->bn (QAT fold): {reason}")
+            continue
+        gm.add_submodule(conv_node.target, ConvBnFakeQuant(conv, bn, bits))
+        bn_node.replace_all_uses_with(conv_node)
+        gm.graph.erase_node(bn_node)
+        fused += 1
+    return fused
+
+
+def _functional_conv(gm: fx.GraphModule, node: fx.Node, module: nn.Module, weight: fx.Node) -> fx.Node:
+    """The call of a module conv / linear as F.* on the module's own parameters, reading `weight`."""
+    g = gm.graph
+    bias = g.get_attr(f"{node.target}.bias") if module.bias is not None else None
+    x = node.args[0]
+    if isinstance(module, nn.Linear):
+        return g.call_function(F.linear, (x, weight, bias))
+    padding = module.padding
+    if module.padding_mode != "zeros":
+        x = g.call_function(F.pad, (x, module._reversed_padding_repeated_twice), {"mode": module.padding_mode})
+        padding = 0
+    fn = _FUNCTIONAL[module.weight.ndim - 2]
+    return g.call_function(fn, (x, weight, bias, module.stride, padding, module.dilation, module.groups))
+
+
+def _quantize_weights(gm: fx.GraphModule, view: FxView, bits: int, ctx: PassContext) -> int:
+    done = 0
+    for node in view.candidates(frozenset({"conv", "linear", "conv_transpose"})):
+        ctx.report.matched += 1
+        where = view.describe(node)
+        if view.kind(node) == "conv_transpose":
+            ctx.report.skip(where, "ConvTranspose weights are not quantized")
+            continue
+        if view.conv(node).weight is None:
+            ctx.report.skip(where, "the weight is computed in the graph, not a parameter")
+            continue
+        name = view._fresh_name(f"{node.name}_weight_fq")
+        gm.add_submodule(name, WeightFakeQuant(bits))
+        with gm.graph.inserting_before(node):
+            if node.op == "call_module":
+                module = gm.get_submodule(node.target)
+                wq = gm.graph.call_module(name, (gm.graph.get_attr(f"{node.target}.weight"),))
+                new = _functional_conv(gm, node, module, wq)
+                node.replace_all_uses_with(new)
+                gm.graph.erase_node(node)
+            else:
+                w = view.arg(node, "weight")
+                view.set_arg(node, "weight", gm.graph.call_module(name, (w,)))
+        done += 1
+    return done
+
+
+def _placement(gm: fx.GraphModule, view: FxView, placement: str) -> tuple[list[tuple[fx.Node, fx.Node]], list[fx.Node]]:
+    """(source, consumer) pairs whose consumer must read the quantized source, and sources quantized for all."""
+    inputs: list[tuple[fx.Node, fx.Node]] = []
+    outputs: list[fx.Node] = []
+    for node in gm.graph.nodes:
+        if view.kind(node) in ("conv", "linear") or _is(node, set(), (), (ConvBnFakeQuant,)):
+            srcs = [node.args[0]]
+        elif _is(node, _MATMUL, ("matmul", "mm", "bmm")):
+            srcs = list(node.args[:2])
+        elif _is(node, _ADD, ("add", "add_")) and sum(_is_activation(a) for a in node.args[:2]) == 2:
+            srcs = list(node.args[:2])
+        else:
+            continue
+        inputs += [(s, node) for s in srcs if _is_activation(s)]
+        if placement == "ort":
+            users = [u for u in node.users if not is_metadata_read(u)]
+            relu = users[0] if len(users) == 1 and _is(users[0], _RELU, ("relu",), (nn.ReLU,)) else None
+            outputs.append(relu or node)
+    return inputs, outputs
+
+
+def _quantize_activations(gm: fx.GraphModule, view: FxView, config: dict[str, Any]) -> int:
+    inputs, outputs = _placement(gm, view, config["placement"])
+    last_input = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    quantized: dict[fx.Node, fx.Node] = {}
+
+    def quantizer(src: fx.Node) -> fx.Node:
+        if src not in quantized:
+            name = view._fresh_name(f"{src.name}_fq")
+            gm.add_submodule(name, FakeQuant(bits=config["act_bits"], symmetric=config["act_symmetric"],
+                                             method=config["method"], options=observer_options(config),
+                                             qat=config["qat"], momentum=OPTIONS["momentum"]))
+            with gm.graph.inserting_after(last_input if src.op == "placeholder" else src):
+                quantized[src] = gm.graph.call_module(name, (src,))
+        return quantized[src]
+
+    for src in outputs:
+        fq = quantizer(src)
+        src.replace_all_uses_with(fq, delete_user_cb=lambda user, fq=fq: user is not fq)
+    for src, consumer in inputs:
+        consumer.replace_input_with(src, quantizer(src))
+    return len(quantized)
+
+
+def run_fx(gm: fx.GraphModule, ctx: PassContext, config: dict[str, Any]) -> fx.GraphModule:
+    from lkfx.passes.fold_bn import FoldBN
+    from lkfx.report import PassReport
+
+    check_config(config)
+    if not any(n.op == "placeholder" for n in gm.graph.nodes):
+        raise LkfxError("fake_quant needs a model with at least one input")
+    report = ctx.report
+    if config["qat"]:
+        fused = _fuse_conv_bn(gm, FxView(gm), config["weight_bits"], ctx)
+        report.rewritten += fused
+        report.note(f"QAT: {fused} conv + BatchNorm pair(s) fused (BN folded into fake-quantized weights)")
+    else:
+        sub = PassReport("fold_bn", "fx")
+        gm = FoldBN().run_fx(gm, PassContext(sub, ctx.example_inputs))
+        report.note(f"fold_bn first: {sub.rewritten} BatchNorm(s) folded")
+        for s in sub.skipped:
+            report.skip(s.where, f"fold_bn: {s.reason}")
+    view = FxView(gm)
+    weights = _quantize_weights(gm, view, config["weight_bits"], ctx)
+    activations = _quantize_activations(gm, FxView(gm), config)
+    report.rewritten += weights + activations
+    kind = "symmetric" if config["act_symmetric"] else "asymmetric"
+    report.note(f"{weights} weight quantizer(s) (int{config['weight_bits']}, symmetric per output channel), "
+                f"{activations} activation quantizer(s) (int{config['act_bits']} {kind} per tensor, "
+                f"{config['method']}, placement {config['placement']})")
+    gm = view.finish()
+    if ctx.calib_data is not None:
+        from lkfx.quant.calibrate import calibrate
+
+        calibrate(gm, ctx.calib_data, num_batches=config["num_batches"])
+        report.note(f"calibrated with {config['method']}")
+    return gm

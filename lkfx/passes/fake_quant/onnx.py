@@ -86,10 +86,10 @@ def run_onnx(graph: gs.Graph, ctx: PassContext, config: dict) -> None:
     for name, (tensor, readers) in points.items():
         _insert_qdq(graph, names, tensor, readers, *qp[name], act_type)
     graph.cleanup().toposort()
-    sym = "symmetric int8" if config["act_symmetric"] else "asymmetric uint8"
-    report.note(f"calibrated {len(points)} activation tensors ({sym}, per tensor) on {len(batches)} batches with "
-                f"method={config['method']}, placement={config['placement']}; {report.rewritten} layers with "
-                f"{config['weight_bits']}-bit per-channel weights")
+    report.note(f"weights: {report.rewritten} layers, {config['weight_bits']}-bit symmetric per output channel")
+    report.note(f"activations: {len(points)} tensors, {'int8 symmetric' if config['act_symmetric'] else 'uint8'} "
+                f"per tensor, placement={config['placement']}, calibrated with {config['method']} on "
+                f"{len(batches)} batches")
 
 
 def input_spec(graph: gs.Graph) -> dict[str, tuple[tuple[int | None, ...], np.dtype]]:

@@ -45,7 +45,7 @@ _KEY = ["size_class", "k_class", "SH", "SW"]
 def _configs(options: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     """(BLOCK_C, BLOCK_H, BLOCK_W, num_warps) options; one tiny configuration under the interpreter."""
     if _INTERPRET:
-        options = [(4, 4, 8, 1)]
+        options = [(4, 8, 8, 1)]
     return [triton.Config({"BLOCK_C": c, "BLOCK_H": h, "BLOCK_W": w}, num_warps=nw) for c, h, w, nw in options]
 
 
@@ -81,14 +81,16 @@ def forward_tile(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W, OH, OW, KH, KW, PT, PL,
     kh_hi = tl.minimum(H + PT - oh0 * SH, KH)
     kw_lo = tl.maximum(PL - ow1 * SW, 0)
     kw_hi = tl.minimum(W + PL - ow0 * SW, KW)
+    iw0 = ow * SW - PL
+    w_base = w_ptr + c * (KH * KW)
     for kh in range(kh_lo, kh_hi):
         ih = oh * SH - PT + kh
-        row_ok = (ih >= 0) & (ih < H)
+        row_mask = c_ok[:, None, None] & ((ih >= 0) & (ih < H))[None, :, None]
+        x_row = x_base + (ih * W)[None, :, None]
         for kw in range(kw_lo, kw_hi):
-            iw = ow * SW - PL + kw
-            ok = c_ok[:, None, None] & row_ok[None, :, None] & ((iw >= 0) & (iw < W))[None, None, :]
-            xv = tl.load(x_base + (ih * W)[None, :, None] + iw[None, None, :], mask=ok, other=0.0)
-            wv = tl.load(w_ptr + c * (KH * KW) + kh * KW + kw, mask=c_ok, other=0.0)
+            iw = iw0 + kw
+            xv = tl.load(x_row + iw[None, None, :], mask=row_mask & ((iw >= 0) & (iw < W))[None, None, :], other=0.0)
+            wv = tl.load(w_base + kh * KW + kw, mask=c_ok, other=0.0)
             acc += xv.to(tl.float32) * wv.to(tl.float32)[:, None, None]
     if HAS_BIAS:
         acc += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[:, None, None]
@@ -129,17 +131,19 @@ def _grad_input_kernel(dy_ptr, w_ptr, dx_ptr, C, H, W, OH, OW, KH, KW, PT, PL, s
     kh_hi = tl.minimum(ih1 + PT + 1, KH)
     kw_lo = tl.maximum(iw0 + PL - (OW - 1) * SW, 0)
     kw_hi = tl.minimum(iw1 + PL + 1, KW)
+    tw0 = iw + PL
+    w_base = w_ptr + c * (KH * KW)
     for kh in range(kh_lo, kh_hi):
         th = ih + PT - kh
         oh = th // SH
-        row_ok = (th >= 0) & (th % SH == 0) & (oh < OH)
+        row_mask = c_ok[:, None, None] & ((th >= 0) & (th % SH == 0) & (oh < OH))[None, :, None]
+        dy_row = dy_base + (oh * OW)[None, :, None]
         for kw in range(kw_lo, kw_hi):
-            tw = iw + PL - kw
+            tw = tw0 - kw
             ow = tw // SW
             col_ok = (tw >= 0) & (tw % SW == 0) & (ow < OW)
-            ok = c_ok[:, None, None] & row_ok[None, :, None] & col_ok[None, None, :]
-            g = tl.load(dy_base + (oh * OW)[None, :, None] + ow[None, None, :], mask=ok, other=0.0)
-            wv = tl.load(w_ptr + c * (KH * KW) + kh * KW + kw, mask=c_ok, other=0.0)
+            g = tl.load(dy_row + ow[None, None, :], mask=row_mask & col_ok[None, None, :], other=0.0)
+            wv = tl.load(w_base + kh * KW + kw, mask=c_ok, other=0.0)
             acc += g.to(tl.float32) * wv.to(tl.float32)[:, None, None]
     out_ok = c_ok[:, None, None] & (ih < H)[None, :, None] & (iw < W)[None, None, :]
     dx_off = plane[:, None, None] * H * W + (ih * W)[None, :, None] + iw[None, None, :]

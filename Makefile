@@ -22,8 +22,9 @@ test: install
 	$(BIN)/ruff check lkfx tests examples benchmarks
 	$(BIN)/python -m pytest -n 2 -q
 
+# every benchmark (full; QUICK=1: their --quick smoke runs), then BENCHMARKS.md from benchmarks/results/*.json
 bench: install
-	$(BIN)/python benchmarks/fold_bn_onnx.py
+	$(BIN)/python benchmarks/report.py $(if $(QUICK),--quick)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

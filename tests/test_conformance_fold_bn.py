@@ -1,6 +1,6 @@
 """fold_bn conformance over real model definitions (torchvision, timm) with random weights.
 
-For each model of `zoo_models.ZOO`:
+For each model of `zoo_models.FOLD_BN` (built by `lkfx.zoo`):
 
 * FX: ``transform(model, ["fold_bn"], check=True)`` matches eager to 1e-5; an independent classifier (written
   here, not the pass's own matcher) finds every batch-norm in the graph (module or ``F.batch_norm``) and says
@@ -27,7 +27,6 @@ import json
 import re
 import subprocess
 import sys
-import warnings
 from dataclasses import dataclass
 from operator import attrgetter
 from pathlib import Path
@@ -41,7 +40,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
-from zoo_models import UNTRACEABLE, ZOO, ZooModel, build, example_input, randomize_batchnorm
+from zoo_models import FOLD_BN, UNTRACEABLE, ZooModel, build, example_input, export_onnx, randomize_batchnorm
 
 import lkfx
 import lkfx.cli
@@ -245,7 +244,7 @@ def check_fx_result(model: nn.Module, x: torch.Tensor) -> tuple[fx.GraphModule, 
 
 
 # --- FX over the zoo ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("spec", [pytest.param(s, id=s.id) for s in ZOO])
+@pytest.mark.parametrize("spec", [pytest.param(s, id=s.id) for s in FOLD_BN])
 def test_fx_zoo(spec: ZooModel) -> None:
     model, x = build(spec), example_input()
     _, report = check_fx_result(model, x)
@@ -283,14 +282,6 @@ def test_fx_classifier_sees_refusals() -> None:
 
 
 # --- ONNX over the zoo --------------------------------------------------------------------------------------
-def export_with_bn(model: nn.Module, x: torch.Tensor, path: Path) -> onnx.ModelProto:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), str(path), dynamo=False, do_constant_folding=False,
-                          training=torch.onnx.TrainingMode.PRESERVE, opset_version=17)
-    return onnx.load(str(path))
-
-
 def count_bn(proto: onnx.ModelProto) -> int:
     return sum(n.op_type == "BatchNormalization" for n in proto.graph.node)
 
@@ -342,13 +333,14 @@ def check_onnx_result(src: Path, dst: Path, report_path: Path, x: np.ndarray, ha
 def _exported(spec: ZooModel, folder: Path) -> tuple[Path, np.ndarray]:
     model, x = build(spec), example_input()
     src = folder / f"{spec.name}.onnx"
-    proto = export_with_bn(model, x, src)
+    export_onnx(model, x, src)
+    proto = onnx.load(str(src))
     if spec.has_batchnorm:
         assert count_bn(proto) > 0, "the export folded the BatchNorms away; the test would prove nothing"
     return src, x.numpy()
 
 
-@pytest.mark.parametrize("spec", [pytest.param(s, id=s.id) for s in ZOO])
+@pytest.mark.parametrize("spec", [pytest.param(s, id=s.id) for s in FOLD_BN])
 def test_onnx_cli_zoo(spec: ZooModel, tmp_path: Path) -> None:
     src, x = _exported(spec, tmp_path)
     dst, report = tmp_path / "out.onnx", tmp_path / "report.json"
@@ -358,7 +350,7 @@ def test_onnx_cli_zoo(spec: ZooModel, tmp_path: Path) -> None:
 
 
 def test_onnx_cli_subprocess(tmp_path: Path) -> None:
-    spec = next(s for s in ZOO if s.id == "tv-mobilenet_v3_small")
+    spec = next(s for s in FOLD_BN if s.id == "tv-mobilenet_v3_small")
     src, x = _exported(spec, tmp_path)
     dst, report = tmp_path / "out.onnx", tmp_path / "report.json"
     args = ["optimize", str(src), "-o", str(dst), "-p", "fold_bn", "--check", "--report", str(report)]

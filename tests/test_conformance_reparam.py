@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +26,12 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from zoo_models import ZooModel, build, example_input
+from zoo_models import REPARAM, ZooModel, build, example_input, export_onnx
 
 import lkfx
 import lkfx.cli
 
 TOL = 1e-5
-MODELS = [ZooModel("timm", n) for n in ("repvgg_a0", "mobileone_s0", "fastvit_t8", "repvit_m1")]
 
 
 def rel_error(ref, out) -> float:
@@ -67,7 +65,7 @@ def check_fx(model: nn.Module, source: nn.Module, x: torch.Tensor) -> lkfx.Repor
     return report
 
 
-@pytest.mark.parametrize("spec", [pytest.param(s, id=s.id) for s in MODELS])
+@pytest.mark.parametrize("spec", [pytest.param(s, id=s.id) for s in REPARAM])
 def test_fx_module_protocol(spec: ZooModel) -> None:
     model = build(spec)
     report = check_fx(model, model, example_input())
@@ -75,19 +73,11 @@ def test_fx_module_protocol(spec: ZooModel) -> None:
     assert blocks and all("merged by its own" in n for n in blocks), blocks
 
 
-@pytest.mark.parametrize("spec", [pytest.param(s, id=s.id) for s in MODELS])
+@pytest.mark.parametrize("spec", [pytest.param(s, id=s.id) for s in REPARAM])
 def test_fx_generic_rule(spec: ZooModel) -> None:
     model = build(spec)
     report = check_fx(model, fx.symbolic_trace(copy.deepcopy(model)), example_input())
     assert all(n.startswith("merged ") and "by its own" not in n for n in report["merge_reparam"].notes)
-
-
-def export_train_form(model: nn.Module, x: torch.Tensor, path: Path) -> onnx.ModelProto:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), str(path), dynamo=False, do_constant_folding=False,
-                          training=torch.onnx.TrainingMode.PRESERVE, opset_version=17)
-    return onnx.load(str(path))
 
 
 def ops(proto: onnx.ModelProto, op: str) -> list[onnx.NodeProto]:
@@ -110,11 +100,12 @@ def mergeable_adds(proto: onnx.ModelProto) -> list[str]:
     return left
 
 
-@pytest.mark.parametrize("spec", [pytest.param(s, id=s.id) for s in MODELS])
+@pytest.mark.parametrize("spec", [pytest.param(s, id=s.id) for s in REPARAM])
 def test_onnx_train_form_cli(spec: ZooModel, tmp_path: Path) -> None:
     model, x = build(spec), example_input()
     src, dst, report_path = tmp_path / "train.onnx", tmp_path / "deploy.onnx", tmp_path / "report.json"
-    before = export_train_form(model, x, src)
+    export_onnx(model, x, src)
+    before = onnx.load(str(src))
     assert len(ops(before, "BatchNormalization")) > len(ops(before, "Conv")) // 2, "the export folded the BNs"
     args = ["optimize", str(src), "-o", str(dst), "-p", "fold_bn", "-p", "merge_reparam", "--check",
             "--report", str(report_path)]

@@ -289,8 +289,16 @@ def _conv_channels(model: onnx.ModelProto, name: str, inits: dict[str, onnx.Tens
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Run `model` in onnxruntime on the CPU with all graph optimisations off (the graph as written)."""
+    """Run `model` in onnxruntime on the CPU with all graph optimisations off (the graph as written).
+
+    lkfx's own plugin nodes (`lower_dwconv`) run through `lkfx.backends.ort_ops`, onnxruntime having no kernel
+    for them."""
     import onnxruntime as ort
+
+    if any(n.domain == "lkfx" for n in model.graph.node):  # dwconv_op.PLUGIN_DOMAIN; that module needs torch
+        from lkfx.backends import ort_ops
+
+        return ort_ops.run(model, feeds)
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

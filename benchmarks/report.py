@@ -1,0 +1,352 @@
+"""One benchmark report: run every benchmark in benchmarks/, then write BENCHMARKS.md from their results JSON.
+
+    python benchmarks/report.py [--quick] [--no-run] [--out BENCHMARKS.md]     (make bench [QUICK=1])
+
+Every ``benchmarks/*.py`` but this file is a benchmark writing ``benchmarks/results/<name>.json`` on its full
+run. Full mode runs each in turn (a benchmark this machine cannot run, e.g. dwconv_gpu.py without CUDA, is listed
+as skipped with the reason); ``--quick`` runs each with ``--quick`` as a smoke test, which writes no results, so
+the tables then come from the last full runs; ``--no-run`` only writes the report. BENCHMARKS.md gets the machine,
+the date, what ran, and for each benchmark its table and a figure drawn here from its JSON: the measurements
+on the left and, on the right, lkfx's ratio against its anchor from the same run. A JSON this file has no
+renderer for yet is shown as a table of its ``rows``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = ROOT / "benchmarks"
+RESULTS = HERE / "results"
+# Benchmarks other issues are adding: listed as skipped until their script exists.
+EXPECTED = ("compile", "dwconv_gpu", "quant")
+
+
+def _no_cuda() -> str | None:
+    import torch
+
+    return None if torch.cuda.is_available() else "needs a CUDA GPU (torch.cuda.is_available() is False here)"
+
+
+# name -> a check returning why this machine cannot run the benchmark, or None
+REQUIRES: dict[str, Callable[[], str | None]] = {"dwconv_gpu": _no_cuda}
+
+
+@dataclass
+class Section:
+    """What one benchmark contributes: its table (Markdown lines) and a figure drawn from the same JSON."""
+
+    title: str
+    anchor: str
+    lines: list[str]
+    draw: Callable[[Any, Any], None] | None = None  # draw(left_axes, right_axes)
+    notes: list[str] = field(default_factory=list)
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    align = ["---" if i == 0 else "---:" for i in range(len(header))]
+    return [f"| {' | '.join(header)} |", f"| {' | '.join(align)} |", *[f"| {' | '.join(r)} |" for r in rows]]
+
+
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.0f} ms" if ms >= 100 else f"{ms:.3g} ms"
+
+
+# --- one renderer per benchmark ----------------------------------------------------------------------------
+def fold_bn_onnx(data: dict) -> Section:
+    sec, tools = data["seconds"], list(data["seconds"])
+    sizes = [str(n) for n in data["sizes"]]
+    anchor = "onnxscript rewriter"
+    rows = [[n, *(f"{sec[t][n]:.3f} s" if n in sec[t] else "-" for t in tools),
+             f"{sec['lkfx'][n] / sec[anchor][n]:.2f}x"] for n in sizes]
+    lines = _md_table(["N", *tools, f"lkfx / {anchor}"], rows)
+    lines += ["", "Goals: " + "; ".join(f"{k} = {v:.2f}" for k, v in data.get("goals", {}).items())]
+
+    def draw(left, right) -> None:
+        for t in tools:
+            ns = [int(n) for n in sizes if n in sec[t]]
+            left.plot(ns, [sec[t][str(n)] for n in ns], marker="o", label=t)
+            if t != "lkfx":
+                right.plot(ns, [sec["lkfx"][str(n)] / sec[t][str(n)] for n in ns], marker="o", label=f"vs {t}")
+        left.set(xscale="log", yscale="log", xlabel="blocks N", ylabel="seconds, load to save")
+        right.axhline(0.6, color="red", ls=":", lw=1, label="goal vs onnxscript (0.6)")
+        right.set(xscale="log", yscale="log", xlabel="blocks N", ylabel="lkfx time / anchor time (< 1: lkfx faster)")
+
+    return Section("fold_bn on ONNX (`benchmarks/fold_bn_onnx.py`)", anchor, lines, draw,
+                   [f"Chain of N x (Conv 3x3 -> BatchNormalization -> Relu); load, fold, save in one process; median "
+                    f"of {data['repeats']}."])
+
+
+def fft_conv(data: dict) -> Section:
+    rows = data["rows"]
+    table = [[str(r["channels"]), str(r["map"]), str(r["kernel"]), _ms(r["seconds"]["direct"]),
+              _ms(r["seconds"]["plain FFT"]), _ms(r["seconds"]["lkfx auto"]), "FFT" if r["auto_uses_fft"] else "direct",
+              f"{r['seconds']['direct'] / r['seconds']['lkfx auto']:.2f}x"] for r in rows]
+    lines = _md_table(["C", "map", "K", "direct (PyTorch)", "plain FFT", "lkfx auto", "auto uses",
+                       "speed-up vs direct"], table)
+    goals = data.get("goals", {})
+    lines += ["", *[f"- {'met' if ok else 'NOT met'}: {text}" for text, ok in goals.items()]]
+    series = sorted({(r["channels"], r["map"]) for r in rows}, key=lambda s: (-s[1], s[0]))
+
+    def draw(left, right) -> None:
+        for i, (c, h) in enumerate(series):
+            pts = sorted((r for r in rows if (r["channels"], r["map"]) == (c, h)), key=lambda r: r["kernel"])
+            ks, color = [r["kernel"] for r in pts], f"C{i % 10}"
+            left.plot(ks, [r["seconds"]["direct"] * 1e3 for r in pts], "x--", color=color, alpha=0.6)
+            left.plot(ks, [r["seconds"]["lkfx auto"] * 1e3 for r in pts], "o-", color=color, label=f"C={c}, {h}x{h}")
+            right.plot(ks, [r["seconds"]["direct"] / r["seconds"]["lkfx auto"] for r in pts], "o-", color=color,
+                       label=f"C={c}, {h}x{h}")
+        left.set(yscale="log", xlabel="kernel K", ylabel="ms (o- lkfx auto, x-- PyTorch direct)")
+        right.set(yscale="log", xlabel="kernel K", ylabel="speed-up: direct time / lkfx auto time")
+
+    return Section("fft_conv on CPU (`benchmarks/fft_conv.py`)", "PyTorch direct conv (F.conv2d)", lines, draw,
+                   [f"Depthwise 'same' convs, batch {data['batch']}, {data['statistic']} of {data['repeats']}."])
+
+
+def reparam(data: dict) -> Section:
+    batches = list(data["torch_ms"])
+    onnx = data["onnx"]
+    forms = [("train form", "train", "train form"), ("deploy form", "deploy", "fold_bn + merge_reparam")]
+    rows = []
+    for label, key, onnx_key in forms:
+        rows.append([label, f"{data['parameters'][key]:,}", *(f"{data['torch_ms'][b][key]:.0f} ms" for b in batches),
+                     f"{onnx[onnx_key]['bytes'] / 2**20:.1f} MiB",
+                     *(f"{onnx[onnx_key]['ort_ms'][b]:.0f} ms" for b in batches)])
+    header = ["", "parameters", *(f"PyTorch batch {b}" for b in batches), "ONNX file",
+              *(f"onnxruntime batch {b}" for b in batches)]
+    lines = _md_table(header, rows)
+    lines += ["", f"{data['merged_blocks']} blocks merged, {data['folded_bn']} BNs folded; deploy vs train max "
+              f"relative error {data['deploy_vs_train_max_rel_error']:.1e} (PyTorch), "
+              f"{data['onnx_deploy_vs_train_max_rel_error']:.1e} (onnxruntime)."]
+    labels = [*(f"torch b{b}" for b in batches), *(f"ort b{b}" for b in batches)]
+    train = [*(data["torch_ms"][b]["train"] for b in batches), *(onnx["train form"]["ort_ms"][b] for b in batches)]
+    deploy = [*(data["torch_ms"][b]["deploy"] for b in batches),
+              *(onnx["fold_bn + merge_reparam"]["ort_ms"][b] for b in batches)]
+
+    def draw(left, right) -> None:
+        xs = range(len(labels))
+        left.bar([x - 0.2 for x in xs], train, 0.4, label="train form (anchor)")
+        left.bar([x + 0.2 for x in xs], deploy, 0.4, label="deploy form (lkfx)")
+        left.set(xticks=list(xs), xticklabels=labels, yscale="log", ylabel="ms")
+        right.bar(list(xs), [d / t for d, t in zip(deploy, train, strict=True)], 0.5, label="deploy / train")
+        right.set(xticks=list(xs), xticklabels=labels, ylabel="deploy time / train time (< 1: faster)")
+
+    net = data["network"]
+    note = (f"RepLKNet-shaped network, channels {net['channels']}, blocks {net['blocks']}, kernels {net['kernels']}, "
+            f"{net['size']}x{net['size']}; median of {data['repeats']}.")
+    return Section("Large-kernel reparameterisation (`benchmarks/reparam.py`)", "the train form (all branches)",
+                   lines, draw, [note])
+
+
+def kernel_warehouse(data: dict) -> Section:
+    rows, meta = data["rows"], data["meta"]
+    table = []
+    for r in rows:
+        budget = "static" if r["budget"] is None else f"KW({r['budget']:g}x)"
+        paper = "" if r["paper_params_m"] is None else f"{r['paper_params_m']:.2f} M"
+        table.append([r["model"], budget, f"{r['params'] / 1e6:.2f} M", paper, _ms(r["latency_s"]),
+                      _ms(r["static_latency_s"]), f"{r['latency_s'] / r['static_latency_s']:.2f}x"])
+    lines = _md_table(["model", "form", "parameters", "paper", "latency", "static latency (same run)",
+                       "KW / static"], table)
+    models = list(dict.fromkeys(r["model"] for r in rows))
+
+    def draw(left, right) -> None:
+        for i, m in enumerate(models):
+            pts = [r for r in rows if r["model"] == m and r["budget"] is not None]
+            bs = [r["budget"] for r in pts]
+            left.plot(bs, [r["params"] / 1e6 for r in pts], "o-", color=f"C{i}", label=m)
+            left.axhline(next(r["params"] for r in rows if r["model"] == m and r["budget"] is None) / 1e6,
+                         color=f"C{i}", ls=":", lw=1)
+            right.plot(bs, [r["latency_s"] / r["static_latency_s"] for r in pts], "o-", color=f"C{i}", label=m)
+        left.set(xscale="log", xlabel="budget b", ylabel="parameters, M (dotted: static)")
+        right.set(xscale="log", xlabel="budget b", ylabel="KW latency / static latency")
+
+    return Section("KernelWarehouse (`benchmarks/kernel_warehouse.py`)", "the static model", lines, draw,
+                   [f"Batch {meta['batch']}, {meta['size']}x{meta['size']}, {meta['threads']} threads, median of "
+                    f"{meta['repeats']}."])
+
+
+def generic(name: str, data: dict) -> Section:
+    """A benchmark this file has no renderer for: its ``rows`` (flat dicts) as a table, no figure."""
+    rows = data.get("rows") if isinstance(data, dict) else None
+    if not (isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows)):
+        return Section(f"`benchmarks/{name}.py`", "?", [f"(results/{name}.json has no `rows` list to show)"])
+    keys = list(dict.fromkeys(k for r in rows for k, v in r.items() if not isinstance(v, (dict, list))))
+    lines = _md_table(keys, [[_cell(r.get(k)) for k in keys] for r in rows])
+    return Section(f"`benchmarks/{name}.py`", "?", lines, None,
+                   ["benchmarks/report.py has no renderer for this JSON yet: raw rows, no figure."])
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else "" if value is None else str(value)
+
+
+RENDERERS: dict[str, Callable[[dict], Section]] = {
+    "fold_bn_onnx": fold_bn_onnx, "fft_conv": fft_conv, "reparam": reparam, "kernel_warehouse": kernel_warehouse}
+
+
+# --- running -----------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    name: str
+    status: str  # "ran" | "skipped" | "failed" | "not run"
+    detail: str = ""
+    seconds: float = 0.0
+
+
+def benchmarks() -> list[str]:
+    found = {p.stem for p in HERE.glob("*.py") if p.name != "report.py"}
+    return sorted(found | set(EXPECTED))
+
+
+def run_one(name: str, quick: bool) -> Run:
+    script = HERE / f"{name}.py"
+    if not script.exists():
+        return Run(name, "skipped", f"benchmarks/{name}.py does not exist yet")
+    why = REQUIRES[name]() if name in REQUIRES else None
+    if why:
+        return Run(name, "skipped", why)
+    start = time.perf_counter()
+    cmd = [sys.executable, str(script), *(["--quick"] if quick else [])]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail: list[str] = []
+    for line in proc.stdout:
+        tqdm.write(f"  [{name}] {line.rstrip()}")
+        tail = [*tail[-4:], line.rstrip()]
+    code = proc.wait()
+    seconds = time.perf_counter() - start
+    if code:
+        return Run(name, "failed", f"exit {code}: {' / '.join(t for t in tail if t)[-300:]}", seconds)
+    return Run(name, "ran", "--quick" if quick else "full", seconds)
+
+
+# --- the report --------------------------------------------------------------------------------------------
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    mem = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+        kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith("MemTotal"))
+        mem = f", {kb / 2**20:.0f} GiB RAM"
+    except (OSError, StopIteration):
+        pass
+    versions = []
+    for module in ("torch", "onnxruntime", "onnx"):
+        try:
+            versions.append(f"{module} {__import__(module).__version__}")
+        except ImportError:
+            versions.append(f"no {module}")
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores{mem}, {gpu}; {platform.system()} {platform.release()}, python "
+            f"{platform.python_version()}, {', '.join(versions)}")
+
+
+def measured_on(path: Path) -> str:
+    """The commit date of a results file that is committed as it is, else its modification time."""
+    rel = os.path.relpath(path, ROOT)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", rel], cwd=ROOT, capture_output=True, text=True)
+    if dirty.returncode == 0 and not dirty.stdout.strip():
+        log = subprocess.run(["git", "log", "-1", "--format=%cI", "--", rel], cwd=ROOT, capture_output=True,
+                             text=True)
+        if log.returncode == 0 and log.stdout.strip():
+            return log.stdout.strip()[:10] + " (commit date)"
+    stamp = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc)
+    return stamp.strftime("%Y-%m-%d %H:%M UTC") + " (file time)"
+
+
+def figure(name: str, section: Section, folder: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    section.draw(left, right)
+    left.set_title("measured")
+    right.set_title(f"lkfx vs anchor: {section.anchor}")
+    right.axhline(1, color="gray", lw=0.8)
+    for ax in (left, right):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(section.title.split(" (")[0])
+    fig.tight_layout()
+    path = folder / f"report_{name}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def render(names: list[str], runs: dict[str, Run], quick: bool, out: Path, results: Path) -> str:
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = ["# Benchmarks", "", f"Generated by `benchmarks/report.py` (`make bench`) on {now}.", "",
+             f"This machine: {machine()}.", "",
+             "Each benchmark measures lkfx and its anchor in the same run, on the machine named in its section "
+             "(which may be another run than this report's: see the date). Each figure: measurements on the left, "
+             "lkfx's ratio against the anchor on the right.", "", "## Runs", ""]
+    if runs:
+        mode = "`--quick` smoke runs (they write no results: the tables below are from the last full runs)" \
+            if quick else "full runs"
+        lines += [f"This command: {mode}.", ""]
+    else:
+        lines += ["This command ran no benchmark (`--no-run`): the tables below are from the last full runs.", ""]
+    rows = []
+    for name in names:
+        run = runs.get(name, Run(name, "not run"))
+        result = results / f"{name}.json"
+        measured = measured_on(result) if result.exists() else "no results JSON"
+        rows.append([f"`{name}.py`", run.status, run.detail, f"{run.seconds:.0f} s" if run.seconds else "",
+                     measured])
+    lines += _md_table(["benchmark", "this command", "detail", "time", "results measured"], rows)
+    for name in names:
+        result = results / f"{name}.json"
+        if not result.exists():
+            continue
+        data = json.loads(result.read_text())
+        section = RENDERERS[name](data) if name in RENDERERS else generic(name, data)
+        machine_of_run = data.get("machine") or data.get("meta", {}).get("machine", "not recorded")
+        lines += ["", f"## {section.title}", "", f"Anchor: {section.anchor}. Measured {measured_on(result)} on: "
+                  f"{machine_of_run}.", *section.notes, "", *section.lines]
+        if section.draw is not None:
+            path = figure(name, section, results)
+            lines += ["", f"![{name}]({os.path.relpath(path, out.parent)})"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="run each benchmark with --quick (smoke test)")
+    parser.add_argument("--no-run", action="store_true", help="only write the report from the results JSON")
+    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the results JSON (and figures)")
+    args = parser.parse_args()
+    names = benchmarks()
+    runs = {} if args.no_run else {name: run_one(name, args.quick) for name in tqdm(names, unit="benchmark")}
+    for run in runs.values():
+        print(f"{run.name:<20} {run.status:<8} {run.seconds:8.1f} s  {run.detail}")
+    out = args.out.resolve()
+    out.write_text(render(names, runs, args.quick, out, args.results.resolve()))
+    print(f"wrote {out}")
+    if any(r.status == "failed" for r in runs.values()):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

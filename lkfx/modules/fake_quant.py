@@ -38,6 +38,17 @@ from lkfx.errors import LkfxError
 from lkfx.quant.qparams import qparams, quant_range
 
 
+def _shape_only(x: torch.Tensor, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
+
+
+# torch ships no shape-only (fake) kernels for the fake-quant ops, so torch.export (and the ONNX exporter) fails
+# on them as soon as a dimension is dynamic. Output and mask have the input's shape: register that.
+for _op in ("_fake_quantize_per_tensor_affine_cachemask_tensor_qparams", "fake_quantize_per_channel_affine_cachemask"):
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{_op}", "Meta"):
+        torch.library.register_fake(f"aten::{_op}")(_shape_only)
+
+
 def _container(qmin: int) -> tuple[int, int]:
     return (-128, 127) if qmin < 0 else (0, 255)
 

@@ -3,11 +3,15 @@
 Good data: the QDQ model is written, runs in onnxruntime and stays close to the float model on the real digits test
 set (top-1 agreement >= 97 %, logits max relative error <= 0.1, the bound documented in
 tests/passes/test_fake_quant_onnx.py). Bad data: exit 2, one line on stderr, no output file, the input untouched.
+Also runs benchmarks/quant.py --quick.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -17,6 +21,7 @@ from passes.test_fake_quant_onnx import export_digits, run
 
 from lkfx.cli import main
 from lkfx.compare import max_rel_error
+from lkfx.quant.observers import METHODS
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +90,16 @@ def test_bad_calibration_data_exits_2_with_one_line_and_writes_nothing(digits, t
     assert len(err.splitlines()) == 1 and err.startswith("lkfx: error:") and message in err, err
     assert not out.exists() and src.read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".int8.onnx")]  # no temporary file left
+
+
+@pytest.mark.slow
+def test_quant_benchmark_quick(tmp_path):
+    """benchmarks/quant.py --quick runs end to end and writes its JSON and plot (numbers not asserted: timing)."""
+    bench = Path(__file__).resolve().parent.parent / "benchmarks" / "quant.py"
+    res = subprocess.run([sys.executable, str(bench), "--quick", "--epochs", "2", "--runs", "3", "--out",
+                          str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    data = json.loads((tmp_path / "quant.json").read_text())
+    assert data["quick"] is True and len(data["goals"]) == 4 and (tmp_path / "quant.png").exists()
+    assert {f"lkfx {m}" for m in METHODS} | {"quantize_static Entropy", "fp32"} <= set(data["digits"])
+    assert "accuracy within 0.5 of fp32" in res.stdout and "resnet18 latency <= quantize_static" in res.stdout

@@ -96,19 +96,13 @@ class FFTConv2d(nn.Module):
         return fft_plan(in_size, self.kernel_size, self.pads)
 
     def spectrum(self, plan: FFTPlan, dtype: torch.dtype) -> torch.Tensor:
-        """conj(rfft2) of the kept taps rolled on the grid: (O, I, N, M/2+1), depthwise (C, multiplier, ...)."""
+        """`kernel_spectrum` of the weight, cached while no gradient must reach it."""
         w = self.weight
         key = (plan, dtype, w.device, id(w), w.data_ptr(), w._version, torch.is_inference_mode_enabled())
         reusable = not (torch.is_grad_enabled() and w.requires_grad)
         if reusable and self._cache is not None and self._cache[0] == key:
             return self._cache[1]
-        (h0, h1), (w0, w1) = plan.taps
-        n, m = plan.size
-        k = w[:, :, h0:h1, w0:w1].to(dtype)
-        k = nn.functional.pad(k, (0, m - k.shape[3], 0, n - k.shape[2]))
-        spec = torch.fft.rfft2(torch.roll(k, (-plan.shift[0], -plan.shift[1]), (2, 3))).conj()
-        if self.groups > 1:
-            spec = spec.reshape(self.groups, -1, *spec.shape[2:])
+        spec = kernel_spectrum(w, plan, dtype, self.groups)
         self._cache = (key, spec) if reusable else None
         return spec
 
@@ -116,14 +110,42 @@ class FFTConv2d(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected input (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
         plan = self.plan((int(x.shape[2]), int(x.shape[3])))
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        spec = self.spectrum(plan, dtype)
-        xf = torch.fft.rfft2(x.to(dtype), s=plan.size)
-        if self.groups == 1:
-            yf = torch.einsum("bihw,oihw->bohw", xf, spec)
-        else:
-            yf = (xf.unsqueeze(2) * spec).flatten(1, 2)
-        y = torch.fft.irfft2(yf, s=plan.size)[..., : plan.out[0], : plan.out[1]]
-        if self.bias is not None:
-            y = y + self.bias.to(dtype).view(1, -1, 1, 1)
-        return y.to(x.dtype).contiguous()
+        return apply_spectrum(x, self.spectrum(plan, torch.promote_types(x.dtype, torch.float32)), self.bias, plan,
+                              self.groups)
+
+
+def kernel_spectrum(weight: torch.Tensor, plan: FFTPlan, dtype: torch.dtype, groups: int) -> torch.Tensor:
+    """conj(rfft2) of the kept taps rolled on the grid: (O, I, N, M/2+1), depthwise (C, multiplier, ...)."""
+    (h0, h1), (w0, w1) = plan.taps
+    n, m = plan.size
+    k = weight[:, :, h0:h1, w0:w1].to(dtype)
+    k = nn.functional.pad(k, (0, m - k.shape[3], 0, n - k.shape[2]))
+    spec = torch.fft.rfft2(torch.roll(k, (-plan.shift[0], -plan.shift[1]), (2, 3))).conj()
+    if groups > 1:
+        spec = spec.reshape(groups, -1, *spec.shape[2:])
+    return spec
+
+
+def apply_spectrum(x: torch.Tensor, spec: torch.Tensor, bias: torch.Tensor | None, plan: FFTPlan,
+                   groups: int) -> torch.Tensor:
+    """The conv of `x` with the kernel whose `kernel_spectrum` is `spec`, plus `bias`."""
+    dtype = spec.real.dtype
+    xf = torch.fft.rfft2(x.to(dtype), s=plan.size)
+    if groups == 1:
+        yf = torch.einsum("bihw,oihw->bohw", xf, spec)
+    else:
+        yf = (xf.unsqueeze(2) * spec).flatten(1, 2)
+    y = torch.fft.irfft2(yf, s=plan.size)[..., : plan.out[0], : plan.out[1]]
+    if bias is not None:
+        y = y + bias.to(dtype).view(1, -1, 1, 1)
+    return y.to(x.dtype).contiguous()
+
+
+def fft_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               padding: str | int | tuple[int, int] = "same", groups: int = 1) -> torch.Tensor:
+    """Functional `FFTConv2d` (no spectrum cache): ``F.conv2d(x, weight, bias, 1, padding, 1, groups)`` by FFT.
+    Any tensors, including graph inputs of an ATen graph: gradients reach x, weight and bias."""
+    kernel = (int(weight.shape[2]), int(weight.shape[3]))
+    plan = fft_plan((int(x.shape[2]), int(x.shape[3])), kernel, conv_pads(padding, kernel))
+    spec = kernel_spectrum(weight, plan, torch.promote_types(x.dtype, torch.float32), groups)
+    return apply_spectrum(x, spec, bias, plan, groups)

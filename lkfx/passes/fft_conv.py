@@ -7,6 +7,7 @@ convolution, wrong at the borders; padded to an ``N x M`` grid with ``N >= H + m
 `lkfx.backends.fft_cost` and `lkfx.modules.fft_conv`)::
 
     x ── Conv(W, b, 'same') ── y        becomes        x ── FFTConv2d(W, b) ── y                      (torch.fx)
+    x ── aten.convolution(x, W, b) ── y  becomes   x ── fft_conv2d(x, W, b) ── y          (ATen graphs)
 
     x ── Conv ── y      becomes      x ─ Unsqueeze ─ DFT(W axis, onesided) ─ DFT(H axis, N) ─┐          (ONNX)
                                      W ─ DFT ─ DFT ─ * phase ─ (constant-folded) ─────────── * conj ─┐
@@ -17,6 +18,11 @@ axes, e.g. ``padding='same'`` or ``(k - 1) / 2``) or 0, dense (``groups=1``) or 
 group, any channel multiplier), constant floating-point weight. Others are refused with the reason.
 ``min_kernel=None`` (default) selects global convs, whose kernel covers the feature map on both axes (that needs
 the feature-map size: give ``example_inputs``); an int selects kernels with a side of at least that.
+
+ATen graphs (``aten.convolution`` nodes, e.g. in the torch.compile backend `lkfx.backends.dynamo`) get the
+functional `lkfx.modules.fft_conv.fft_conv2d` instead of a module: its weight and bias may be any tensor, graph
+inputs included (only their shapes, from the node's ``val`` / ``tensor_meta``, are read), the kernel spectrum is
+computed in the graph and gradients reach W and b, so the rewrite is valid for training.
 
 ``mode='auto'`` (default) asks `lkfx.backends.fft_cost.CostModel`, calibrated once per machine and cached, for
 the direct and the FFT time of each selected conv at the example batch size, and rewrites only where FFT is
@@ -101,6 +107,8 @@ class FFTConv(Pass):
         return (FFTConv2d,)
 
     def run_fx(self, gm: Any, ctx: PassContext) -> Any:
+        import torch
+
         from lkfx.backends.fft_cost import ConvShape, cost_model, fft_plan
         from lkfx.graph.fx import propagate_shapes
         from lkfx.modules.fft_conv import FFTConv2d, conv_pads
@@ -119,9 +127,13 @@ class FFTConv(Pass):
                 report.skip(where, f"its {', '.join(computed)} computed in the graph")
                 continue
             info = view.conv(node)
-            reason = self._fx_refusal(view, info)
+            functional = isinstance(node.target, torch._ops.OpOverload)
+            weight = info.weight
+            if weight is None and functional:
+                weight = _meta_value(view.arg(node, "weight"))
+            reason = self._fx_refusal(view, info, weight, functional)
             if reason is None:
-                kernel = tuple(info.weight.shape[2:])
+                kernel = tuple(weight.shape[2:])
                 pads = conv_pads(info.padding, kernel)
                 reason = _padding_refusal(pads, kernel)
             if reason:
@@ -140,9 +152,8 @@ class FFTConv(Pass):
                     report.skip(where, "mode='auto' needs the feature-map size for the cost model: give "
                                        "example_inputs (or use mode='always')")
                     continue
-                shape = ConvShape(in_shape[0], in_shape[1], info.weight.shape[0], info.groups, in_size, kernel,
-                                  pads)
-                decision = cost_model(info.weight.device.type).choose(shape)
+                shape = ConvShape(in_shape[0], in_shape[1], weight.shape[0], info.groups, in_size, kernel, pads)
+                decision = cost_model(weight.device.type).choose(shape)
                 if not decision.fft:
                     report.skip(where, f"{shape.describe()}: {decision.reason}; kept direct")
                     continue
@@ -150,22 +161,26 @@ class FFTConv(Pass):
             else:
                 on = f" on {_kernel_text(in_size)} -> FFT {grid}" if grid else " -> FFT"
                 note = f"{_kernel_text(kernel)} kernel{on} (mode='always')"
-            module = FFTConv2d(info.weight, info.bias, info.padding, info.groups)
-            module.train(info.module.training if info.module is not None else gm.training)
-            _fx_swap(gm, node, module, view, calls)
+            if functional:
+                _fx_functional(gm, node, view, info.padding, info.groups)
+            else:
+                module = FFTConv2d(info.weight, info.bias, info.padding, info.groups)
+                module.train(info.module.training if info.module is not None else gm.training)
+                _fx_swap(gm, node, module, view, calls)
             report.note(f"{where}: {note}")
             report.rewritten += 1
         return view.finish() if report.modified else gm
 
-    def _fx_refusal(self, view: Any, info: Any) -> str | None:
-        w = info.weight
+    def _fx_refusal(self, view: Any, info: Any, w: Any, functional: bool) -> str | None:
+        """`w`: the weight, or for ATen nodes the value of whatever feeds it (None when unknown)."""
         if w is None:
-            return "the weight is computed in the graph, not a parameter"
+            return ("the weight's shape is unknown (no val / tensor_meta on the node feeding it)" if functional
+                    else "the weight is computed in the graph, not a parameter")
         if w.ndim != 4:
             return f"only 2-D convs are computed by FFT, this one is {w.ndim - 2}-D"
         if not w.is_floating_point():
             return f"the weight is {w.dtype}, not floating point"
-        if view.bias_is_computed(info):
+        if not functional and view.bias_is_computed(info):
             return "the bias is computed in the graph, not a parameter"
         if info.stride != (1, 1):
             return f"stride {info.stride}: the FFT computes stride-1 convs only"
@@ -236,6 +251,26 @@ class FFTConv(Pass):
         if group != 1 and w.shape[1] != 1:
             return f"group={group} with {w.shape[1]} input channels per group: only dense or depthwise convs"
         return None
+
+
+def _meta_value(node: Any) -> Any:
+    """The example value torch.fx recorded for `node` (make_fx's ``val``), or None."""
+    import torch
+
+    value = getattr(node, "meta", {}).get("val")
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _fx_functional(gm: Any, node: Any, view: Any, padding: Any, groups: int) -> None:
+    """Replace an ATen conv node by a call of `fft_conv2d` on the same input, weight and bias nodes."""
+    from lkfx.modules.fft_conv import fft_conv2d
+
+    args = (view.arg(node, "input"), view.arg(node, "weight"), view.arg(node, "bias"))
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(fft_conv2d, args, {"padding": padding, "groups": groups})
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
 
 
 def _fx_swap(gm: Any, node: Any, module: Any, view: Any, calls: Counter) -> None:

@@ -23,7 +23,6 @@ from lkfx.errors import LkfxError
 from lkfx.graph import onnx as gonnx
 
 
-
 def _dwconv_nodes(gm) -> list:
     import lkfx.backends.dwconv_op  # noqa: F401
 
@@ -86,8 +85,8 @@ def test_fx_lowered_model_trains_like_the_original():
 
 def test_fx_aten_graph_with_placeholder_weights():
     """The graph a torch.compile backend gets: aten.convolution with parameters as placeholders (shapes only)."""
-    from torch.fx.experimental.proxy_tensor import make_fx
     from torch.func import functional_call
+    from torch.fx.experimental.proxy_tensor import make_fx
 
     model = Mixed().eval()
     params = dict(model.named_parameters())

@@ -25,7 +25,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import bn_initializers, bn_node, init, make_model, op_types, rand, reasons
+from helpers import bn_initializers, bn_node, init, make_model, op_types, rand, randomize_bn, reasons
 from onnx import helper, numpy_helper
 
 import lkfx
@@ -329,3 +329,25 @@ def test_input_model_untouched_and_refusals_before_any_work(digits):
     old = make_model([helper.make_node("Relu", ["x"], ["y"])], {"x": (1, 2)}, ["y"], [], opset=12)
     with pytest.raises(LkfxError, match="opset >= 13"):
         lkfx.transform(old, ["fake_quant"], calib_data=[np.zeros((1, 2), np.float32)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_torchvision_backbones(name, tmp_path):
+    """Real definitions (random weights, random BN statistics): every conv and the head quantized, onnxruntime
+    turns all of them into integer kernels, outputs within 10 % of the float model's scale on the calibration data."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = randomize_bn(getattr(torchvision.models, name)()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(tmp_path / "m.onnx"), dynamo=False, do_constant_folding=False,
+                          training=torch.onnx.TrainingMode.PRESERVE, opset_version=17, input_names=["x"])
+    src = onnx.load(str(tmp_path / "m.onnx"))
+    out, pr = quantize(src, [x.numpy()], method="minmax", placement="ort")
+    assert pr.rewritten == pr.matched and not pr.skipped
+    ops = optimized_ops(out, tmp_path)
+    assert ops.count("QLinearConv") == pr.matched - 1 and "QGemm" in ops and "Conv" not in ops
+    assert max_rel_error([run(src, x.numpy())], [run(out, x.numpy())]) <= 0.1

@@ -20,9 +20,8 @@ Gradients: registered with ``register_autograd``; the backward calls the ops ``l
 ``torch.compile`` and ``torch.export``.
 
 ONNX: `onnx_translation_table()` gives ``torch.onnx.export(..., custom_translation_table=...)`` the
-translation to the TensorRT plugin node that `lower_dwconv` writes (`plugin_node_attrs`): op_type
-``dwconv2d`` in domain ``lkfx``, attributes ``strides``, ``pads``, ``plugin_namespace="lkfx"``,
-``plugin_version="1"``, ``aot=1``, inputs x, weight, bias (always three: a conv without bias gets zeros).
+translation to the TensorRT plugin node that `lower_dwconv` writes (`lkfx.backends.dwconv_plugin`), with
+inputs x, weight, bias (always three: a conv without bias gets zeros).
 """
 
 from __future__ import annotations
@@ -32,22 +31,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-PLUGIN_NAME = "dwconv2d"
-PLUGIN_NAMESPACE = "lkfx"
-PLUGIN_VERSION = "1"
-PLUGIN_DOMAIN = "lkfx"
-
-
-def plugin_node_attrs(stride: Sequence[int], padding: Sequence[int]) -> dict:
-    """Attributes of the ONNX plugin node: the conv's and the TensorRT ONNX parser's plugin lookup keys."""
-    return {"strides": [int(s) for s in stride], "pads": [int(p) for p in padding],
-            "plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION, "aot": 1}
-
-
-def output_size(size: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
-                padding: Sequence[int]) -> tuple[int, int]:
-    pt, pl, pb, pr = padding
-    return ((size[0] + pt + pb - kernel[0]) // stride[0] + 1, (size[1] + pl + pr - kernel[1]) // stride[1] + 1)
+from lkfx.backends.dwconv_plugin import PLUGIN_DOMAIN, PLUGIN_NAME, output_size, plugin_node_attrs
 
 
 def _torch_padding(kernel: Sequence[int], padding: Sequence[int]) -> str | tuple[int, int] | None:

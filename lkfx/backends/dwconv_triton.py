@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lkfx.backends.dwconv_plugin import output_size
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _KEY = ["size_class", "k_class", "SH", "SW"]
 
@@ -217,13 +219,6 @@ def compile_aot_forward(dtype: str, stride: tuple[int, int], tile: tuple[int, in
 
 
 # --- host side ---------------------------------------------------------------------------------------------
-def output_size(size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int],
-                padding: tuple[int, int, int, int]) -> tuple[int, int]:
-    """Output (OH, OW) for `padding` = (top, left, bottom, right), ONNX's order."""
-    pt, pl, pb, pr = padding
-    return ((size[0] + pt + pb - kernel[0]) // stride[0] + 1, (size[1] + pl + pr - kernel[1]) // stride[1] + 1)
-
-
 def _pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from lkfx.backends.dwconv_op import PLUGIN_DOMAIN, PLUGIN_NAME
+from lkfx.backends.dwconv_plugin import PLUGIN_DOMAIN, PLUGIN_NAME
 from lkfx.errors import LkfxError
 
 CONTRIB_DOMAIN = "ai.onnx.contrib"

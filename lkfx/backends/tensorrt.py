@@ -34,7 +34,7 @@ except ImportError as e:
     raise ImportError("lkfx.backends.tensorrt registers a TensorRT plugin and needs TensorRT >= 10.8 "
                       "(pip install tensorrt)") from e
 
-from lkfx.backends.dwconv_op import PLUGIN_NAME, PLUGIN_NAMESPACE
+from lkfx.backends.dwconv_plugin import PLUGIN_NAME, PLUGIN_NAMESPACE
 from lkfx.backends.dwconv_triton import TILE_OPTIONS, compile_aot_forward
 
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"

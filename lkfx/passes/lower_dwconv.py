@@ -121,7 +121,7 @@ class LowerDwconv(Pass):
 
     # --- ONNX ---------------------------------------------------------------------------------------
     def run_onnx(self, graph: Any, ctx: PassContext) -> None:
-        from lkfx.backends.dwconv_op import PLUGIN_DOMAIN, PLUGIN_NAME, plugin_node_attrs
+        from lkfx.backends.dwconv_plugin import PLUGIN_DOMAIN, PLUGIN_NAME, plugin_node_attrs
         from lkfx.passes.fft_conv import _onnx_pads
         from lkfx.patterns.onnx import OnnxView
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lkfx.backends import dwconv_op, ort_ops
-from lkfx.backends.dwconv_op import PLUGIN_DOMAIN, PLUGIN_NAME
+from lkfx.backends.dwconv_plugin import PLUGIN_DOMAIN, PLUGIN_NAME
 from lkfx.compare import max_rel_error
 
 TOL = 1e-5

@@ -17,7 +17,7 @@ from onnx import helper
 
 import lkfx
 from lkfx.backends import ort_ops
-from lkfx.backends.dwconv_op import PLUGIN_DOMAIN, PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from lkfx.backends.dwconv_plugin import PLUGIN_DOMAIN, PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 from lkfx.compare import max_rel_error
 from lkfx.errors import LkfxError
 from lkfx.graph import onnx as gonnx

@@ -1,0 +1,182 @@
+"""fake_quant on torch.fx: where quantizers go (TensorRT / ORT placement, module and functional graphs), QAT,
+training through the fake-quant ops, export to QDQ that onnxruntime runs with int8 kernels."""
+
+from __future__ import annotations
+
+import operator
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from helpers import randomize_bn
+
+import lkfx
+from lkfx.errors import LkfxError
+from lkfx.modules.fake_quant import ConvBnFakeQuant, FakeQuant, WeightFakeQuant
+from lkfx.quant import export_onnx, freeze_bn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+from quantize_digits import cnn  # noqa: E402
+
+
+def digits_cnn():
+    torch.manual_seed(0)
+    return randomize_bn(cnn()).eval()
+
+
+def calib(n=3, shape=(16, 1, 8, 8)):
+    gen = torch.Generator().manual_seed(1)
+    return [torch.rand(shape, generator=gen) for _ in range(n)]
+
+
+def quantizers(gm, kind):
+    """Names of the nodes that call a module of type `kind`, and what they read."""
+    return {n.name: n.args[0].name for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), kind)}
+
+
+def test_tensorrt_placement_on_the_digits_cnn():
+    model = digits_cnn()
+    q, report = lkfx.transform(model, ["fake_quant"], return_report=True)
+    rep = report.passes[0]
+    assert rep.rewritten == 5 + 6 and not rep.skipped
+    assert any("4 BatchNorm(s) folded" in n for n in rep.notes)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in q.modules())
+    assert len(quantizers(q, WeightFakeQuant)) == 5  # four convs and the linear
+    acts = quantizers(q, FakeQuant)
+    # graph input, stem output (dw input + residual), dw output (pw input), pw output (residual add),
+    # add output (strided conv input), pooled features (linear input)
+    assert sorted(acts.values()) == sorted(["x", "stem_2", "relu", "conv2d_2", "relu_1", "flatten"])
+    add = next(n for n in q.graph.nodes if n.target is operator.add)
+    assert all(a.name in acts for a in add.args)  # both inputs of the residual add
+    convs = [n for n in q.graph.nodes if n.target in (torch.conv2d, F.linear)]
+    assert len(convs) == 5 and all(n.args[0].name in acts and n.args[1].name in quantizers(q, WeightFakeQuant)
+                                   for n in convs)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 4  # the input model is untouched
+
+
+def test_ort_placement_quantizes_outputs_after_their_relu():
+    q = lkfx.transform(digits_cnn(), [("fake_quant", {"placement": "ort"})])
+    acts = set(quantizers(q, FakeQuant).values())
+    assert {"x", "stem_2", "relu", "conv2d_2", "relu_1", "down_2", "flatten", "linear"} == acts  # ReLU outputs
+    assert "conv2d" not in acts and "conv2d_3" not in acts  # not between a conv and its ReLU
+
+
+class Functional(nn.Module):
+    """F.* convs on plain parameters, a matmul, torch.add with a residual, a reflect-padded conv module."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.3)
+        self.w2 = nn.Parameter(torch.randn(8, 1, 3, 3) * 0.3)
+        self.proj = nn.Parameter(torch.randn(8, 8) * 0.3)
+        self.pad = nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")
+
+    def forward(self, x):
+        x = F.relu(F.conv2d(x, self.w1, padding=1))
+        y = F.conv2d(x, self.w2, padding=1, groups=8)
+        x = torch.add(x, y)
+        x = self.pad(x)
+        return torch.matmul(x.mean((2, 3)), self.proj)
+
+
+def test_functional_graph_and_padding_mode():
+    torch.manual_seed(0)
+    model = Functional()
+    data = calib(shape=(4, 3, 8, 8))
+    q, report = lkfx.transform(model, ["fake_quant"], calib_data=data, return_report=True)
+    assert len(quantizers(q, WeightFakeQuant)) == 3  # w1, w2 and the padded module's weight
+    acts = quantizers(q, FakeQuant)
+    assert len(acts) == 5  # x, relu (conv + add), conv2d_1 (add), add (pad conv), mean (matmul)
+    assert any(n.target is F.pad for n in q.graph.nodes)
+    with torch.no_grad():
+        ref, out = model(data[0]), q(data[0])
+    assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
+    assert set(dict(q.named_parameters())) == set(dict(model.named_parameters()))  # same parameter names
+
+
+def test_weight_bits_four_and_per_channel_depthwise():
+    q = lkfx.transform(digits_cnn(), [("fake_quant", {"weight_bits": 4})])
+    dw = next(m for n, m in q.named_modules() if n.startswith("dw_weight"))
+    w = dw(q.dw.weight).detach()
+    assert dw.bits == 4 and w.shape[0] == 32
+    for c in range(32):
+        assert len(torch.unique(w[c])) <= 15
+    steps = {float(torch.unique(w[c].abs())[1]) for c in range(32) if len(torch.unique(w[c].abs())) > 1}
+    assert len(steps) > 16  # depthwise channels each have their own scale
+
+
+def test_uncalibrated_model_says_what_to_do():
+    q = lkfx.transform(digits_cnn(), ["fake_quant"])
+    with pytest.raises(LkfxError, match="lkfx.calibrate"):
+        q(calib()[0])
+
+
+@pytest.mark.parametrize(("option", "value", "match"), [
+    ("placement", "trt", "placement must be one of tensorrt, ort"),
+    ("weight_bits", 9, "weight_bits"),
+    ("method", "entropy", "valid methods"),
+    ("search_step", 0, "search_step"),
+])
+def test_bad_options(option, value, match):
+    with pytest.raises(LkfxError, match=match):
+        lkfx.transform(digits_cnn(), [("fake_quant", {option: value})])
+
+
+def test_qat_fuses_conv_bn_and_trains():
+    torch.manual_seed(0)
+    model = cnn().train()
+    q, report = lkfx.transform(model, [("fake_quant", {"qat": True})], return_report=True)
+    fused = [m for m in q.modules() if isinstance(m, ConvBnFakeQuant)]
+    assert len(fused) == 4 and len(quantizers(q, WeightFakeQuant)) == 1  # the linear
+    assert q.training
+    x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    opt = torch.optim.Adam(q.parameters(), lr=1e-2)
+    losses = []
+    for step in range(6):
+        if step == 3:
+            assert freeze_bn(q) == 4
+        opt.zero_grad()
+        loss = F.cross_entropy(q(x), y)
+        loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in q.parameters())  # STE reaches all
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    acts = [m for m in q.modules() if isinstance(m, FakeQuant)]
+    assert all(m.calibrated for m in acts)  # training set the moving-average ranges
+    q.eval()
+    with torch.no_grad():
+        assert torch.isfinite(q(x)).all()
+
+
+@pytest.mark.parametrize("placement", ["ort", "tensorrt"])
+def test_export_runs_int8_in_onnxruntime(tmp_path, placement):
+    q = lkfx.transform(digits_cnn(), [("fake_quant", {"placement": placement, "method": "minmax"})],
+                       calib_data=calib())
+    path = tmp_path / "q.onnx"
+    proto = export_onnx(q, calib()[0][:1], path)
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("QuantizeLinear") >= 6 and ops.count("DequantizeLinear") >= 11
+    assert "Mul" not in ops and "ReduceMax" not in ops  # weight scales folded into constants
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "q.opt.onnx")
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    optimised = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    assert optimised.count("QLinearConv") >= (4 if placement == "ort" else 3), optimised
+    x = torch.rand(32, 1, 8, 8)
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        ref = q(x).numpy()
+    if placement == "ort":  # the logits are quantized: within one step of the output quantizer
+        logits = next(n for n in q.graph.nodes if n.op == "output").args[0]
+        step = q.get_submodule(logits.target).scale.item()
+        assert np.abs(out - ref).max() <= step * 1.01
+    else:
+        assert np.abs(out - ref).max() <= 0.02 * np.abs(ref).max()

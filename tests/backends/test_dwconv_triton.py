@@ -75,13 +75,28 @@ def _run_cases() -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def results() -> dict:
+def _interpret() -> dict:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600,
                           cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def results(tmp_path_factory, request) -> dict:
+    """The cases' errors, computed once per test run: under xdist the workers share one file (the first to take
+    the lock runs the interpreter, ~20 s of CPU)."""
+    worker = getattr(request.config, "workerinput", {}).get("workerid")
+    if worker is None:
+        return _interpret()
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / "dwconv_interpret.json"  # this run's folder, all workers
+    with FileLock(f"{shared}.lock"):
+        if not shared.is_file():
+            shared.write_text(json.dumps(_interpret()))
+        return json.loads(shared.read_text())
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -18,14 +18,16 @@ values are never read, only its shape (from the tensor, or the node's ``val`` / 
 picks it) and Triton on CUDA; it has autograd, a fake implementation for torch.compile / torch.export, and
 exports to the ONNX plugin node (`lkfx.backends.dwconv_op.onnx_translation_table`).
 
-ONNX: the Conv node becomes the plugin node in place (same inputs and outputs); the op_type is the plugin's
+ONNX: the Conv node becomes the plugin node in place (same inputs and output; a zero bias is added where the
+conv had none, the plugin always takes three inputs); the op_type is the plugin's
 name, ``dwconv2d`` in domain ``lkfx``, never a built-in op's name, so the TensorRT ONNX parser looks it up in
 its plugin registry (`lkfx.backends.tensorrt` registers it) and other runtimes fail loudly instead of running
 something else. onnxruntime runs it through `lkfx.backends.ort_ops` (verification only).
 
-Which convs: 2-D, depthwise with one output channel per group (weight C x 1 x KH x KW, groups = C), stride 1
-or 2 per axis, dilation 1, zero padding of any size (``'same'`` with even kernels included); ONNX ``auto_pad``
-SAME_* only at stride 1 (else the padding depends on the input size). Others are refused with the reason.
+Which convs: 2-D, depthwise with one output channel per group (weight C x 1 x KH x KW, groups = C), float32 /
+float16 / bfloat16 weights (the kernel accumulates in fp32), stride 1 or 2 per axis, dilation 1, zero padding
+of any size (``'same'`` with even kernels included); ONNX ``auto_pad`` SAME_* only at stride 1 (else the padding
+depends on the input size). Others are refused with the reason.
 """
 
 from __future__ import annotations
@@ -96,8 +98,9 @@ class LowerDwconv(Pass):
             reason = _selection_refusal(shape, info.groups, info.stride, info.dilation, self.config["min_kernel"])
             if reason is None and info.padding_mode != "zeros":
                 reason = f"padding mode '{info.padding_mode}': only zero padding"
-            if reason is None and info.weight is not None and not info.weight.is_floating_point():
-                reason = f"the weight is {info.weight.dtype}, not floating point"
+            if reason is None and info.weight is not None and \
+                    info.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                reason = f"the weight is {info.weight.dtype}; the kernel takes float32, float16 and bfloat16"
             if reason:
                 report.skip(where, reason)
                 continue
@@ -141,8 +144,8 @@ class LowerDwconv(Pass):
             auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
             if reason is None and auto_pad.startswith("SAME") and stride != [1, 1]:
                 reason = f"auto_pad={auto_pad} with stride {stride}: the padding depends on the input size"
-            if reason is None and w is not None and w.dtype.kind != "f":
-                reason = f"the weight is {w.dtype}, not floating point"
+            if reason is None and w is not None and w.dtype.name not in ("float32", "float16", "bfloat16"):
+                reason = f"the weight is {w.dtype}; the plugin takes float32, float16 and bfloat16"
             if reason:
                 report.skip(where, reason)
                 continue

@@ -106,6 +106,9 @@ def test_min_kernel_option():
     assert report["lower_dwconv"].rewritten == 1
     out = lkfx.transform(model, [("lower_dwconv", {"min_kernel": 1})])
     assert len(_dwconv_nodes(out)) == 2
+    double = lkfx.transform(copy.deepcopy(model).double(), [("lower_dwconv", {"min_kernel": 1})], return_report=True)
+    assert double[1]["lower_dwconv"].rewritten == 0
+    assert "the kernel takes float32, float16 and bfloat16" in reasons(double[1]["lower_dwconv"])[0]
     for bad in (0, "9", True):
         with pytest.raises(LkfxError, match="min_kernel"):
             lkfx.transform(model, [("lower_dwconv", {"min_kernel": bad})])

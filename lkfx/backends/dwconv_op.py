@@ -64,10 +64,30 @@ def _cpu_forward(x, weight, bias, stride, padding):
     return F.conv2d(_pad(x, padding), weight, bias, tuple(stride), groups=x.shape[1])
 
 
+def _check(x, weight, bias, stride, padding) -> None:
+    """Shapes the kernels rely on (they index memory from them): refuse anything else with the expected form."""
+    c = x.shape[1] if x.dim() == 4 else None
+    ok = (c is not None and weight.dim() == 4 and tuple(weight.shape[:2]) == (c, 1)
+          and (bias is None or tuple(bias.shape) == (c,)) and len(stride) == 2 and min(stride) >= 1
+          and len(padding) == 4 and min(padding) >= 0)
+    if not ok:
+        raise ValueError(f"lkfx::dwconv2d expects x (N, C, H, W), weight (C, 1, KH, KW), bias (C,) or None, stride "
+                         f"[sh, sw] >= 1, padding [top, left, bottom, right] >= 0; got x {tuple(x.shape)}, weight "
+                         f"{tuple(weight.shape)}, bias {None if bias is None else tuple(bias.shape)}, stride "
+                         f"{list(stride)}, padding {list(padding)}")
+    oh, ow = output_size(x.shape[2:], weight.shape[2:], stride, padding)
+    if oh < 1 or ow < 1:
+        raise ValueError(f"lkfx::dwconv2d: a {tuple(weight.shape[2:])} kernel with padding {list(padding)} has no "
+                         f"output on a {tuple(x.shape[2:])} map")
+    if x.device != weight.device or (bias is not None and bias.device != x.device):
+        raise ValueError("lkfx::dwconv2d: x, weight and bias must be on one device")
+
+
 @torch.library.custom_op("lkfx::dwconv2d", mutates_args=())
 def dwconv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
              padding: list[int]) -> torch.Tensor:
     """Depthwise conv; see the module docstring."""
+    _check(x, weight, bias, stride, padding)
     if x.is_cuda:
         from lkfx.backends import dwconv_triton
 
@@ -77,6 +97,7 @@ def dwconv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s
 
 @dwconv2d.register_fake
 def _(x, weight, bias, stride, padding):
+    _check(x, weight, bias, stride, padding)
     oh, ow = output_size(x.shape[2:], weight.shape[2:], stride, padding)
     return x.new_empty((x.shape[0], x.shape[1], oh, ow))
 

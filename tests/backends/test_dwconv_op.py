@@ -107,3 +107,16 @@ def test_onnx_export_to_the_plugin_node_runs_in_onnxruntime(bias):
     got = ort_ops.run(proto, {proto.graph.input[0].name: x.numpy()})
     assert max_rel_error([want], got) <= TOL
     assert np.isfinite(got[0]).all()
+
+
+@pytest.mark.parametrize("x_shape, w_shape, stride, pads", [
+    ((1, 4, 8, 8), (4, 2, 3, 3), [1, 1], [1, 1, 1, 1]),   # not one filter per channel
+    ((1, 4, 8, 8), (5, 1, 3, 3), [1, 1], [1, 1, 1, 1]),   # channel count differs
+    ((4, 8, 8), (4, 1, 3, 3), [1, 1], [1, 1, 1, 1]),      # not 4-D
+    ((1, 4, 8, 8), (4, 1, 3, 3), [0, 1], [1, 1, 1, 1]),   # stride 0
+    ((1, 4, 8, 8), (4, 1, 3, 3), [1, 1], [1, 1]),         # padding not (top, left, bottom, right)
+    ((1, 4, 2, 2), (4, 1, 9, 9), [1, 1], [0, 0, 0, 0]),   # no output
+])
+def test_bad_arguments_are_refused_before_any_kernel_runs(x_shape, w_shape, stride, pads):
+    with pytest.raises(ValueError, match="lkfx::dwconv2d"):
+        torch.ops.lkfx.dwconv2d(torch.randn(x_shape), torch.randn(w_shape), None, stride, pads)

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from lkfx.errors import LkfxError
+from lkfx.quant.observers import all_reduce
 from lkfx.quant.qparams import qparams, quant_range
 
 
@@ -128,8 +129,7 @@ class FakeQuant(nn.Module):
     def _track(self, x: torch.Tensor) -> None:
         lo, hi = torch.aminmax(x.detach().float())
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            both = torch.stack([-lo, hi])
-            torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+            both = all_reduce(torch.stack([-lo, hi]), "MAX")
             lo, hi = -both[0], both[1]
         if self.calibrated:
             lo = self.lo + self.momentum * (lo - self.lo)

@@ -52,6 +52,15 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def all_reduce(t: torch.Tensor, op: str = "SUM") -> torch.Tensor:
+    """`t` reduced over all processes (MIN, MAX or SUM), on the device the process group's backend needs."""
+    dist = torch.distributed
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+    buf = t.to(device, copy=True)
+    dist.all_reduce(buf, op=getattr(dist.ReduceOp, op))
+    return buf.to(t.device)
+
+
 class Observer:
     """Accumulates statistics of the tensors given to `update`; `range()` is the chosen (lo, hi)."""
 
@@ -109,9 +118,7 @@ class MinMaxObserver(Observer):
     def all_reduce(self) -> None:
         if _distributed():
             self._require_data(self.lo is not None)
-            dist = torch.distributed
-            dist.all_reduce(self.lo, op=dist.ReduceOp.MIN)
-            dist.all_reduce(self.hi, op=dist.ReduceOp.MAX)
+            self.lo, self.hi = all_reduce(self.lo, "MIN"), all_reduce(self.hi, "MAX")
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         self._require_data(self.lo is not None)
@@ -156,10 +163,7 @@ class EmaObserver(Observer):
         """The mean range over processes."""
         if _distributed():
             self._require_data(self.lo is not None)
-            dist = torch.distributed
-            both = torch.stack([self.lo, self.hi])
-            dist.all_reduce(both)
-            both /= dist.get_world_size()
+            both = all_reduce(torch.stack([self.lo, self.hi])) / torch.distributed.get_world_size()
             self.lo, self.hi = both[0], both[1]
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,9 +223,9 @@ class HistogramObserver(Observer):
         self._rebin(max(self.exponent if self.exponent is not None else -126, self._exponent_for(max(-lo, hi))))
         w = 2.0**self.exponent
         pos, neg = x[x >= 0], -x[x < 0]
-        self.pos += torch.bincount(torch.floor(pos / w).long(), minlength=self.size).double()
-        self.zeros += (pos == 0).sum()
-        self.neg += torch.bincount(torch.ceil(neg / w).long() - 1, minlength=self.size).double()
+        self.pos += torch.bincount(torch.floor(pos / w).long(), minlength=self.size).cpu().double()
+        self.zeros += (pos == 0).sum().item()
+        self.neg += torch.bincount(torch.ceil(neg / w).long() - 1, minlength=self.size).cpu().double()
 
     def merge(self, other: Observer) -> None:
         if other.exponent is None:
@@ -235,14 +239,11 @@ class HistogramObserver(Observer):
     def all_reduce(self) -> None:
         if not _distributed():
             return
-        dist = torch.distributed
         self._require_data(self.exponent is not None)
-        e = torch.tensor([self.exponent, -self.lo, self.hi], dtype=torch.float64)
-        dist.all_reduce(e, op=dist.ReduceOp.MAX)
+        e = all_reduce(torch.tensor([self.exponent, -self.lo, self.hi], dtype=torch.float64), "MAX")
         self._rebin(int(e[0]))
         self.lo, self.hi = -float(e[1]), float(e[2])
-        counts = torch.cat([self.pos, self.neg, self.zeros])
-        dist.all_reduce(counts)
+        counts = all_reduce(torch.cat([self.pos, self.neg, self.zeros]))
         self.pos, self.neg, self.zeros = counts[: self.size], counts[self.size: 2 * self.size], counts[-1:]
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:

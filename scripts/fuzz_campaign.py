@@ -2,11 +2,12 @@
 frontends, checked by the property of tests/fuzz/props.py (same outputs within tolerance, or refused with a
 reason; no crash; the input untouched).
 
-    nice -n 10 .venv/bin/python scripts/fuzz_campaign.py --count 5000 --out results/fuzz_campaign.json
+    nice -n 10 .venv/bin/python scripts/fuzz_campaign.py --count 5000 --out scripts/results/fuzz_campaign.json
     .venv/bin/python scripts/fuzz_campaign.py --start 1234 --count 1 -v     # replay one network (seed 1234)
 
-Network i is `draw_net(RandomDraw(start + i))`: a failure's seed is its reproduction. Writes a JSON summary: per
-chain the networks checked, rewrites, refusals (most common reasons), whole-call refusals, worst error, failures.
+Network i is `draw_net(RandomDraw(start + i))`: a failure's seed is its reproduction. Writes a JSON summary (every 100
+networks, and at the end; SIGTERM / Ctrl-C stop it cleanly): per chain the networks checked, rewrites, refusals
+(most common reasons), whole-call refusals, worst error, failures.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import sys
 import time
 import traceback
@@ -30,6 +32,48 @@ from fuzz.props import FX_CHAINS, ONNX_CHAINS, check_fx, check_onnx  # noqa: E40
 def _reason_key(reason: str) -> str:
     """A refusal reason without the names and numbers that differ between networks."""
     return re.sub(r"'[^']*'|\[[^\]]*\]|\([^)]*\)|[\w.]*\d[\w.]*", "_", reason)[:140]
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _check_network(seed: int, args: argparse.Namespace, checks: list, stats: dict) -> None:
+    from tqdm import tqdm
+
+    net = draw_net(RandomDraw(seed), max_ops=args.max_ops)
+    if args.verbose:
+        print(net)
+    for fe, name, chain, check in checks:
+        s = stats[f"{fe}:{name}"]
+        try:
+            outcome = check(net, chain)
+        except Exception as e:  # a property violation or a crash: the finding this campaign looks for
+            text = f"{type(e).__name__}: {e}"
+            s["failures"].append({"seed": seed, "error": text[:2000], "network": str(net)})
+            if args.verbose:
+                traceback.print_exc()
+            else:
+                tqdm.write(f"FAIL seed {seed} {fe}:{name}: {text.splitlines()[0][:200]}")
+            continue
+        finally:
+            s["networks"] += 1
+        s["rewritten"].update(outcome.rewritten)
+        s["skipped"].update(outcome.skipped)
+        s["refused"].update(_reason_key(r) for r in outcome.refused)
+        s["reasons"].update(_reason_key(r) for r in outcome.reasons)
+        s["refolded"] += outcome.refolded
+        s["widened"] += outcome.widened
+        s["max_error"] = max(s["max_error"], outcome.error)
+
+
+def _write(args: argparse.Namespace, stats: dict, done: int, elapsed: float) -> None:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    summary = {"start": args.start, "networks": done, "max_ops": args.max_ops, "seconds": round(elapsed, 1),
+               "chains": {k: {**s, "rewritten": dict(s["rewritten"]), "skipped": dict(s["skipped"]),
+                              "refused": dict(s["refused"].most_common(10)),
+                              "reasons": dict(s["reasons"].most_common(15))} for k, s in stats.items()}}
+    args.out.write_text(json.dumps(summary, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,31 +94,17 @@ def main(argv: list[str] | None = None) -> int:
     stats = {f"{fe}:{name}": {"networks": 0, "rewritten": Counter(), "skipped": Counter(), "refused": Counter(),
                               "reasons": Counter(), "refolded": 0, "widened": 0, "max_error": 0.0, "failures": []}
              for fe, name, _, _ in checks}
-    start = time.perf_counter()
-    for seed in tqdm(range(args.start, args.start + args.count), desc="networks", unit="net", disable=args.verbose):
-        net = draw_net(RandomDraw(seed), max_ops=args.max_ops)
-        if args.verbose:
-            print(net)
-        for fe, name, chain, check in checks:
-            s = stats[f"{fe}:{name}"]
-            s["networks"] += 1
-            try:
-                outcome = check(net, chain)
-            except Exception as e:  # a property violation or a crash: the finding this campaign looks for
-                text = f"{type(e).__name__}: {e}"
-                s["failures"].append({"seed": seed, "error": text[:2000], "network": str(net)})
-                if args.verbose:
-                    traceback.print_exc()
-                else:
-                    tqdm.write(f"FAIL seed {seed} {fe}:{name}: {text.splitlines()[0][:200]}")
-                continue
-            s["rewritten"].update(outcome.rewritten)
-            s["skipped"].update(outcome.skipped)
-            s["refused"].update(_reason_key(r) for r in outcome.refused)
-            s["reasons"].update(_reason_key(r) for r in outcome.reasons)
-            s["refolded"] += outcome.refolded
-            s["widened"] += outcome.widened
-            s["max_error"] = max(s["max_error"], outcome.error)
+    start, done = time.perf_counter(), 0
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        for seed in tqdm(range(args.start, args.start + args.count), desc="networks", unit="net",
+                         disable=args.verbose):
+            _check_network(seed, args, checks, stats)
+            done += 1
+            if args.out and done % 100 == 0:
+                _write(args, stats, done, time.perf_counter() - start)
+    except KeyboardInterrupt:
+        print(f"stopped after {done} networks")
     elapsed = time.perf_counter() - start
     for key, s in stats.items():
         fails = len(s["failures"])
@@ -82,14 +112,9 @@ def main(argv: list[str] | None = None) -> int:
               f"  refused {sum(s['refused'].values())}  refolded {s['refolded']}  widened {s['widened']}"
               f"  max error {s['max_error']:.2g}  failures {fails}")
     total = sum(len(s["failures"]) for s in stats.values())
-    print(f"{args.count} networks x {len(checks)} chains in {elapsed:.0f} s: {total} failures")
+    print(f"{done} networks x {len(checks)} chains in {elapsed:.0f} s: {total} failures")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        summary = {"start": args.start, "count": args.count, "max_ops": args.max_ops, "seconds": round(elapsed, 1),
-                   "chains": {k: {**s, "rewritten": dict(s["rewritten"]), "skipped": dict(s["skipped"]),
-                                  "refused": dict(s["refused"].most_common(10)),
-                                  "reasons": dict(s["reasons"].most_common(15))} for k, s in stats.items()}}
-        args.out.write_text(json.dumps(summary, indent=2))
+        _write(args, stats, done, elapsed)
     return 1 if total else 0
 
 

@@ -285,10 +285,17 @@ class FxView:
         if info.module is not None:
             if self._module_calls[info.node.target] > 1:
                 return f"module '{info.node.target}' is called {self._module_calls[info.node.target]} times"
+            reads = [name for name in (f"{info.node.target}.weight", f"{info.node.target}.bias")
+                     if self._attr_nodes[name]]
+            if reads:  # e.g. F.conv2d(x, self.conv.weight) beside self.conv(x)
+                return f"{' and '.join(reads)} also read directly by the graph"
         else:
             w_node = self.arg(info.node, "weight")
             if len(w_node.users) > 1 or self._attr_nodes[w_node.target] > 1:
                 return f"weight '{w_node.target}' is read by several nodes"
+            owner = w_node.target.rpartition(".")[0] if w_node.op == "get_attr" else ""
+            if self._module_calls[owner]:
+                return f"weight '{w_node.target}' is also used by calls of module '{owner}'"
         names = self._tensor_names.get(id(info.weight), [])
         if len(names) > 1:
             return f"weight tensor is tied to {', '.join(names)}"

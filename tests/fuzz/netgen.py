@@ -5,7 +5,9 @@ A network is a straight-line program over tensors ``t0 = x, t1, t2, ...`` (each 
 
     conv  src, out channels, kernel (kh, kw), stride, dilation, groups, symmetric padding (ph, pw), padding mode
           (zeros / reflect / replicate / circular), bias, and `module`: the index of its weights; two convs with
-          the same index are the same nn.Module called twice (FX) / read the same initializers (ONNX)
+          the same index are the same nn.Module called twice (FX) / read the same initializers (ONNX), possibly
+          with another stride, dilation or padding (FX: F.conv2d on the module's parameters, as is a conv drawn
+          `functional`)
     bn    src, affine; `train` keeps one BatchNorm in training mode (FX only; a pass must leave it alone)
     scale src * per-channel constant          add / sub  a, b (same shape)          relu src
 
@@ -65,6 +67,7 @@ class Op:
     srcs: tuple[int, ...]
     module: int = -1  # conv: weight index; bn: its own index
     attrs: tuple = ()  # conv: (cout, (kh, kw), stride, dilation, groups, (ph, pw), mode, bias); bn: (affine, train)
+    functional: bool = False  # conv in FX: F.conv2d on the module's parameters instead of calling the module
 
 
 @dataclass
@@ -84,8 +87,8 @@ class Net:
     def __str__(self) -> str:
         lines = [f"x: t0 {self.shapes[0]} opset {self.opset} seed {self.seed}"]
         for i, op in enumerate(self.ops, 1):
-            lines.append(f"t{i} = {op.kind}({', '.join(f't{s}' for s in op.srcs)}) module={op.module} "
-                         f"attrs={op.attrs} -> {self.shapes[i]}")
+            lines.append(f"t{i} = {'F.' if op.functional else ''}{op.kind}({', '.join(f't{s}' for s in op.srcs)}) "
+                         f"module={op.module} attrs={op.attrs} -> {self.shapes[i]}")
         lines.append(f"outputs: {[f't{o}' for o in self.outputs()]}")
         return "\n".join(lines)
 
@@ -139,9 +142,13 @@ def draw_net(d: Draw, max_ops: int = 8, allow_train_bn: bool = True) -> Net:
     def conv(src: int, depthwise: bool = False, same: bool = False, attrs: tuple | None = None) -> int | None:
         cin, h, w = net.shapes[src]
         shared = [i for i, (ci, a) in enumerate(conv_weights) if ci == cin and (attrs is None or a == attrs)]
+        functional = d.bool(0.2)
         if shared and attrs is None and d.bool(0.2):
             index = d.choice(shared)
             attrs = conv_weights[index][1]
+            other = _conv_attrs(d, cin, (h, w), net.opset, False, False) if d.bool(0.5) else None
+            if other is not None:  # the same weights with another stride, dilation, padding
+                attrs = (*attrs[:2], *other[2:4], attrs[4], *other[5:7], attrs[7])
         else:
             attrs = attrs or _conv_attrs(d, cin, (h, w), net.opset, depthwise, same)
             if attrs is None:
@@ -151,7 +158,7 @@ def draw_net(d: Draw, max_ops: int = 8, allow_train_bn: bool = True) -> Net:
         if any(n < 1 for n in _conv_shape(attrs, (h, w))[1:]) or \
                 (attrs[6] != "zeros" and any(p >= n for p, n in zip(attrs[5], (h, w), strict=True))):
             return None
-        return add(Op("conv", (src,), index, attrs), _conv_shape(attrs, (h, w)))
+        return add(Op("conv", (src,), index, attrs, functional), _conv_shape(attrs, (h, w)))
 
     def bn(src: int) -> int:
         nonlocal n_bn
@@ -244,6 +251,7 @@ def example_input(net: Net, seed: int = 1, batch: int = 2) -> np.ndarray:
 def to_module(net: Net, train_bn: bool = True) -> Any:
     """The network as an nn.Module in eval mode (a BN in training mode where the net says so and `train_bn`)."""
     import torch
+    import torch.nn.functional as F
     from torch import nn
 
     class FuzzNet(nn.Module):
@@ -275,13 +283,25 @@ def to_module(net: Net, train_bn: bool = True) -> Any:
             self.bns = nn.ModuleDict({str(i): m for i, m in bns.items()})
             self.ops = list(net.ops)
             self.outs = net.outputs()
+            first = {}
+            for op in net.ops:
+                if op.kind == "conv":
+                    first.setdefault(op.module, op.attrs)
+            self.functional = [op.kind == "conv" and (op.functional or op.attrs != first[op.module]) for op in net.ops]
+
+        def conv(self, op, a):
+            m = self.convs[str(op.module)]
+            _, _, stride, dilation, groups, (ph, pw), mode, _ = op.attrs
+            if mode != "zeros":
+                a, ph, pw = F.pad(a, (pw, pw, ph, ph), mode=mode), 0, 0
+            return F.conv2d(a, m.weight, m.bias, stride, (ph, pw), dilation, groups)
 
         def forward(self, x):
             ts = [x]
             for t, op in enumerate(self.ops, 1):
                 a = ts[op.srcs[0]]
                 if op.kind == "conv":
-                    ts.append(self.convs[str(op.module)](a))
+                    ts.append(self.conv(op, a) if self.functional[t - 1] else self.convs[str(op.module)](a))
                 elif op.kind == "bn":
                     ts.append(self.bns[str(op.module)](a))
                 elif op.kind == "scale":

@@ -65,13 +65,19 @@ def test_generator_covers_the_structures_it_promises():
                                                  for s in op.srcs):
                 seen["branches summed"] += 1
         seen["shared weights"] += any(n > 1 for n in modules.values())
+        attrs = {}
+        for op in net.ops:
+            if op.kind == "conv":
+                seen["shared weights, other attributes"] += attrs.setdefault(op.module, op.attrs) != op.attrs
+                seen["functional conv"] += op.functional
         seen["multi-consumer tensor"] += any(n > 1 for n in readers.values())
         seen["extra output"] += bool(net.extra_outputs)
         seen[f"opset {net.opset}"] += 1
     expected = ["kernel 1", "kernel 3", "kernel 13", "stride 2", "stride 3", "dilation 2", "dilation 3", "grouped",
                 "depthwise", "asymmetric kernel", "no padding", "pad mode reflect", "pad mode replicate",
                 "pad mode circular", "bn before conv", "bn before conv with padding", "bn after conv",
-                "bn in training mode", "branches summed", "shared weights", "multi-consumer tensor", "extra output",
+                "bn in training mode", "branches summed", "shared weights", "shared weights, other attributes",
+                "functional conv", "multi-consumer tensor", "extra output",
                 "opset 13", "opset 17", "opset 20"]
     assert not [e for e in expected if seen[e] == 0], seen
 

@@ -50,7 +50,7 @@ def check_config(config: dict[str, Any]) -> None:
     if config["placement"] not in PLACEMENTS:
         raise LkfxError(f"fake_quant placement must be one of {', '.join(PLACEMENTS)}, got {config['placement']!r}")
     for key in ("weight_bits", "act_bits"):
-        if config[key] not in range(2, 9):
+        if not (isinstance(config[key], int) and 2 <= config[key] <= 8):
             raise LkfxError(f"fake_quant {key} must be an integer from 2 to 8, got {config[key]!r}")
     if not (isinstance(config["num_batches"], int) and config["num_batches"] >= 0):
         raise LkfxError(f"fake_quant num_batches must be an integer >= 0 (0 = all), got {config['num_batches']!r}")
@@ -154,7 +154,8 @@ def _placement(gm: fx.GraphModule, view: FxView, placement: str) -> tuple[list[t
     inputs: list[tuple[fx.Node, fx.Node]] = []
     outputs: list[fx.Node] = []
     for node in gm.graph.nodes:
-        if view.kind(node) in ("conv", "linear") or _is(node, set(), (), (ConvBnFakeQuant,)):
+        fused = node.op == "call_module" and isinstance(gm.get_submodule(node.target), ConvBnFakeQuant)
+        if fused or view.kind(node) in ("conv", "linear"):
             srcs = [node.args[0]]
         elif _is(node, _MATMUL, ("matmul", "mm", "bmm")):
             srcs = list(node.args[:2])

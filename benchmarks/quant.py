@@ -11,8 +11,9 @@
 
 lkfx runs with ``placement="ort"`` (onnxruntime's QDQ layout); quantize_static gets the same layout: QDQ format, uint8
 activations, int8 per-channel weights, its input pre-processed by `quant_pre_process` (which folds BN) as its
-documentation recommends. Latency: median over R interleaved rounds (every model once per round, so a load change
-on the machine hits all of them alike), warm sessions, `intra_op_num_threads=T`. Size: bytes of the .onnx file.
+documentation recommends. Latency: median over R interleaved rounds (each model in turn runs 5 times back to back, the
+first not timed), spread over 3 fresh sets of sessions, `intra_op_num_threads=T` (see `latencies`).
+Size: bytes of the .onnx file.
 
 Goals (issue 5): lkfx int8 accuracy within 0.5 points of fp32 with at least one method; never worse than
 quantize_static's best; lkfx int8 latency no worse than quantize_static's output (PASS allows 5 % for timing noise:
@@ -44,6 +45,7 @@ METHODS = ("minmax", "ema", "percentile", "kl", "symmetric_kl", "js", "mse")
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
 CALIB_BATCHES, CALIB_BATCH = 8, 32
 NOISE = 1.05
+BURST = 5
 
 
 def digits_example():
@@ -106,18 +108,21 @@ def session(path: Path, threads: int):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def latencies(paths: dict[str, Path], x: np.ndarray, runs: int, threads: int) -> dict[str, float]:
-    """Median milliseconds per run, the models interleaved round by round."""
-    sessions = {name: session(p, threads) for name, p in paths.items()}
+def latencies(paths: dict[str, Path], x: np.ndarray, runs: int, threads: int, sessions: int = 3) -> dict[str, float]:
+    """Median milliseconds per run. `runs` rounds visit the models in turn (a load change on the machine hits them
+    all alike); in its turn a model runs BURST times back to back, the first run not timed (the model is hot, as
+    when it serves). The rounds are spread over `sessions` fresh sets of sessions: one session can stay slower or
+    faster than its twin for its whole life (seen here for identical graphs), so no single session decides."""
     times: dict[str, list[float]] = {name: [] for name in paths}
-    for s in sessions.values():
-        for _ in range(3):
-            s.run(None, {"x": x})
-    for _ in range(runs):
-        for name, s in sessions.items():
-            start = time.perf_counter()
-            s.run(None, {"x": x})
-            times[name].append(time.perf_counter() - start)
+    for i in range(sessions):
+        live = {name: session(p, threads) for name, p in paths.items()}
+        for _ in range(runs // sessions + (i < runs % sessions)):
+            for name, s in live.items():
+                s.run(None, {"x": x})
+                for _ in range(BURST - 1):
+                    start = time.perf_counter()
+                    s.run(None, {"x": x})
+                    times[name].append(time.perf_counter() - start)
     return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
@@ -232,13 +237,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer epochs, runs and a smaller ResNet input")
     parser.add_argument("--epochs", type=int, help="digits training epochs (default 20, 6 with --quick)")
-    parser.add_argument("--runs", type=int, help="latency rounds (default 100, 30 with --quick)")
+    parser.add_argument("--runs", type=int, help="latency rounds (default 60, 12 with --quick)")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for quant.json and quant.png")
     args = parser.parse_args()
     logging.getLogger().setLevel(logging.ERROR)  # quantize_static's "please pre-process" warnings: we do
     epochs = args.epochs or (6 if args.quick else 20)
-    runs = args.runs or (30 if args.quick else 100)
+    runs = args.runs or (12 if args.quick else 60)
     size = 112 if args.quick else 224
     import torch
 

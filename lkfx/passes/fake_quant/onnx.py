@@ -43,6 +43,7 @@ from lkfx.report import PassReport
 LAYERS = ("Conv", "Gemm", "MatMul")
 ORT_OPS = frozenset({"Conv", "Gemm", "MatMul", "Add", "Mul", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool"})
 FUSED_ACTIVATIONS = frozenset({"Relu", "Clip"})
+VALUE_MOVING = frozenset({"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity"})
 OBSERVER_OPTIONS = ("percentile", "bins", "search_start_scale", "search_end_scale", "search_step")
 MIN_OPSET = 13
 
@@ -74,7 +75,13 @@ def run_onnx(graph: gs.Graph, ctx: PassContext, config: dict) -> None:
     else:
         points = _ort_points(view, graph, layer_nodes, floats)
 
-    qp = _calibrate(graph, points, batches, make_observer)
+    same = _same_grid(points)
+    qp = _calibrate(graph, {k: v for k, v in points.items() if k not in same}, batches, make_observer)
+    for name in same:
+        src = same[name]
+        while src in same:
+            src = same[src]
+        qp[name] = qp[src]
     names = _Names(graph)
     for node, w, axis in layers:
         s_w = _quantize_weight(graph, names, node, w, axis, config["weight_bits"])
@@ -207,6 +214,18 @@ def _ort_points(view: OnnxView, graph: gs.Graph, layer_nodes: set[int], floats: 
                 t = t.outputs[0].outputs[0]
             add(t)
     return points
+
+
+def _same_grid(points: dict) -> dict[str, str]:
+    """Point -> the point whose (scale, zero point) it reuses: the output of an op that only moves or selects values
+    (MaxPool, Flatten, Reshape, ...) of a quantized input keeps the input's grid. Exact (max and moves commute with
+    rounding), and onnxruntime then runs the op on the integers with no requantization."""
+    out = {}
+    for name, (t, _) in points.items():
+        producer = t.inputs[0] if t.inputs else None
+        if producer is not None and producer.op in VALUE_MOVING and producer.inputs[0].name in points:
+            out[name] = producer.inputs[0].name
+    return out
 
 
 def _calibrate(graph: gs.Graph, points: dict, batches: list[dict[str, np.ndarray]], make_observer) -> dict:

@@ -6,7 +6,8 @@ Grid (the RepLKNet paper's): batch 64, 384 channels, maps R in {16, 32, 64}, ker
 21, 27, 29, 31}, 'same' padding, stride 1; fp32 and fp16; forward, and forward + backward (grads of input,
 weight and bias). Per shape, each method is warmed up (Triton autotunes, cuDNN benchmarks its algorithms with
 ``torch.backends.cudnn.benchmark``), then timed with CUDA events around each call; the methods take turns and
-the median of R repeats is reported. The outputs of both are compared (max |diff| / max |cuDNN|).
+the median of R repeats is reported. The outputs of both are compared (max |diff| / max |cuDNN|), and the
+forward configuration Triton's autotuner chose (direct or Toeplitz form, block sizes) is recorded.
 
 Achieved FLOP/s counts 2 FLOPs per tap that touches the image (taps reading padding are not work; on a 16x16
 map a 31x31 kernel reads mostly padding) and is reported as a fraction of the GPU's fp32 peak: SMs x fp32 lanes
@@ -106,8 +107,10 @@ def measure(size: int, k: int, dtype: torch.dtype, backward: bool, repeats: int)
         for _ in range(repeats):
             for name, fn in fns.items():
                 timed(fn, times, name)
+    from lkfx.backends import dwconv_triton
+
     return {"lkfx_s": statistics.median(times["lkfx"]), "cudnn_s": statistics.median(times["cudnn"]),
-            "max_rel_error": err}
+            "max_rel_error": err, "lkfx_forward_config": str(dwconv_triton._forward_kernel.best_config)}
 
 
 def plot(rows: list[dict], path: Path, device: str) -> None:

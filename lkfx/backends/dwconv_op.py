@@ -1,7 +1,7 @@
 """``torch.ops.lkfx.dwconv2d``: depthwise 2-D convolution as a PyTorch custom op.
 
     dwconv2d(x, weight, bias, stride, padding) -> y
-        x (N, C, H, W); weight (C, 1, KH, KW); bias (C,) or None; stride [sh, sw];
+        x (N, C, H, W); weight (C, 1, KH, KW); bias (C,) or None; stride [sh, sw], each 1 or 2;
         padding [top, left, bottom, right] (ONNX's order, so 'same' with an even kernel is expressible)
 
     y = F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, stride, groups=C)
@@ -68,11 +68,11 @@ def _check(x, weight, bias, stride, padding) -> None:
     """Shapes the kernels rely on (they index memory from them): refuse anything else with the expected form."""
     c = x.shape[1] if x.dim() == 4 else None
     ok = (c is not None and weight.dim() == 4 and tuple(weight.shape[:2]) == (c, 1)
-          and (bias is None or tuple(bias.shape) == (c,)) and len(stride) == 2 and min(stride) >= 1
+          and (bias is None or tuple(bias.shape) == (c,)) and len(stride) == 2 and set(stride) <= {1, 2}
           and len(padding) == 4 and min(padding) >= 0)
     if not ok:
         raise ValueError(f"lkfx::dwconv2d expects x (N, C, H, W), weight (C, 1, KH, KW), bias (C,) or None, stride "
-                         f"[sh, sw] >= 1, padding [top, left, bottom, right] >= 0; got x {tuple(x.shape)}, weight "
+                         f"[sh, sw] of 1 or 2, padding [top, left, bottom, right] >= 0; got x {tuple(x.shape)}, weight "
                          f"{tuple(weight.shape)}, bias {None if bias is None else tuple(bias.shape)}, stride "
                          f"{list(stride)}, padding {list(padding)}")
     oh, ow = output_size(x.shape[2:], weight.shape[2:], stride, padding)

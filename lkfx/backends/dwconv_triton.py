@@ -18,16 +18,24 @@ the loop bounds are the taps that reach the image from some pixel of the tile, e
 
 so a 27x27 kernel on a 14x14 map with 'same' padding visits at most 14 + 13 = 27 rows but a 14x14 tile near the
 border visits fewer, and a 63x63 kernel on a 7x7 map visits 7 of 63 rows. Grad weight: one program per
-(channel block, tap, batch slice) sums ``dy * shifted x`` over the output pixels whose tap lands inside the
-image; the batch slices' fp32 partial sums are added afterwards (deterministic, no atomics).
+(channel block, kernel row, batch slice) sums ``dy * shifted x`` per tap over the output pixels whose tap lands
+inside the image (taps that never do keep their zero); the batch slices' fp32 partial sums are added afterwards
+(deterministic, no atomics).
 
-Block sizes are autotuned per shape class: the output map's size rounded up to a power of two, the kernel size
-rounded up to a power of two (capped at 64), and the strides (the dtypes are part of Triton's key too).
+The forward has a second form for large kernels, `forward_tile_dot`: per kernel row, an output row segment is
+the product of the input window (loaded once) with a banded Toeplitz matrix of that row's weights, so the input
+is reused by all taps from registers (IEEE fp32 products for fp32, tensor cores for fp16 / bf16, fp32
+accumulation), at the price of multiplying zeros off the band.
+
+Configurations are autotuned per shape class — the output map's size rounded up to a power of two, the kernel
+size rounded up to a power of two (capped at 64), the strides (and the dtypes, part of Triton's key): block sizes,
+and for the forward the choice between the direct and the Toeplitz form.
 Under ``TRITON_INTERPRET=1`` (CPU, the tests) each kernel keeps one small configuration: the interpreter would
 run every configuration for real.
 
 Only stable Triton APIs are used (``triton.jit``, ``triton.autotune``, ``tl.load`` / ``tl.store`` with masks,
-``tl.arange``, ``tl.zeros``, ``tl.sum``, runtime-bounded ``range``), so the kernels run on Triton 3.x.
+``tl.arange``, ``tl.zeros``, ``tl.sum``, ``tl.dot`` with ``input_precision``, runtime-bounded ``range``), so the
+kernels run on Triton 3.x. Strides are 1 or 2 (the Toeplitz window is sized for them).
 """
 
 from __future__ import annotations
@@ -44,11 +52,17 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _KEY = ["size_class", "k_class", "SH", "SW"]
 
 
-def _configs(options: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    """(BLOCK_C, BLOCK_H, BLOCK_W, num_warps) options; one tiny configuration under the interpreter."""
+def _configs(options: list[tuple[int, int, int, int]],
+             dot_options: list[tuple[int, int, int, int]] | None = None) -> list[triton.Config]:
+    """(BLOCK_C, BLOCK_H, BLOCK_W, num_warps) direct options and, for the forward, (BLOCK_H, BLOCK_W, BLOCK_WIN,
+    num_warps) Toeplitz options; one tiny direct configuration under the interpreter (which would run them all)."""
+    direct_extra = {} if dot_options is None else {"DOT": False, "BLOCK_WIN": 16}
     if _INTERPRET:
-        options = [(4, 8, 8, 1)]
-    return [triton.Config({"BLOCK_C": c, "BLOCK_H": h, "BLOCK_W": w}, num_warps=nw) for c, h, w, nw in options]
+        options, dot_options = [(4, 8, 8, 1)], []
+    return [triton.Config({"BLOCK_C": c, "BLOCK_H": h, "BLOCK_W": w, **direct_extra}, num_warps=nw)
+            for c, h, w, nw in options] + \
+        [triton.Config({"BLOCK_C": 1, "BLOCK_H": h, "BLOCK_W": w, "DOT": True, "BLOCK_WIN": win}, num_warps=nw)
+         for h, w, win, nw in dot_options or []]
 
 
 # small maps want many channels per tile (a 7x7 map fills few lanes), large maps wide rows of few channels
@@ -56,6 +70,9 @@ TILE_OPTIONS = [
     (1, 16, 32, 4), (1, 32, 32, 4), (2, 16, 16, 4), (4, 8, 16, 4), (4, 16, 16, 4),
     (8, 8, 8, 4), (16, 4, 8, 4), (16, 8, 8, 4), (32, 4, 4, 4), (1, 16, 64, 8), (2, 16, 32, 8),
 ]
+# Toeplitz forward (one channel per program): windows of BLOCK_WIN >= (BLOCK_W - 1) * stride + 2 input columns
+# (strides 1 and 2)
+DOT_OPTIONS = [(16, 32, 64, 4), (32, 32, 64, 4), (16, 64, 128, 8), (16, 16, 32, 4), (32, 16, 64, 4)]
 _WGRAD_OPTIONS = [(16, 8, 16, 4), (32, 8, 8, 4), (8, 16, 16, 4), (4, 16, 32, 4), (64, 4, 4, 4), (16, 16, 16, 8)]
 
 
@@ -101,13 +118,69 @@ def forward_tile(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W, OH, OW, KH, KW, PT, PL,
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
-@triton.autotune(configs=_configs(TILE_OPTIONS), key=_KEY)
+@triton.jit
+def forward_tile_dot(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W, OH, OW, KH, KW, PT, PL,
+                     SH: tl.constexpr, SW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_WIN: tl.constexpr):
+    """The forward tile of one channel as matrix products (program (n * C + c, row block, column block)).
+
+    Per kernel row kh, one output row segment is ``y[o] += sum_j x[base + j] * T[j, o]`` with the banded
+    Toeplitz matrix ``T[j, o] = w[kh, j - o * SW]`` (zero off the band): each input window is loaded once and
+    reused by all KW taps from registers, instead of one load per tap. Taps are taken in chunks of
+    ``STEP = BLOCK_WIN - (BLOCK_W - 1) * SW`` columns. fp32 multiplies in IEEE fp32 (no TF32), fp16 / bf16 on
+    tensor cores; both accumulate in fp32. The band wastes ``BLOCK_WIN / KW`` of the products: the autotuner
+    weighs that against the saved loads (large kernels)."""
+    STEP: tl.constexpr = BLOCK_WIN - (BLOCK_W - 1) * SW
+    plane = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(0) % C
+    oh0 = tl.program_id(1) * BLOCK_H
+    ow0 = tl.program_id(2) * BLOCK_W
+    oh = oh0 + tl.arange(0, BLOCK_H)
+    j = tl.arange(0, BLOCK_WIN)
+    o = tl.arange(0, BLOCK_W)
+    x_plane = x_ptr + plane * H * W
+    w_base = w_ptr + c * (KH * KW)
+    acc = tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.float32)
+    oh1 = tl.minimum(oh0 + BLOCK_H, OH) - 1
+    ow1 = tl.minimum(ow0 + BLOCK_W, OW) - 1
+    kh_lo = tl.maximum(PT - oh1 * SH, 0)
+    kh_hi = tl.minimum(H + PT - oh0 * SH, KH)
+    kw_lo = tl.maximum(PL - ow1 * SW, 0)
+    kw_hi = tl.minimum(W + PL - ow0 * SW, KW)
+    for kh in range(kh_lo, kh_hi):
+        ih = oh * SH - PT + kh
+        row_ok = (ih >= 0) & (ih < H)
+        for kw0 in range(kw_lo, kw_hi, STEP):
+            iw = ow0 * SW - PL + kw0 + j
+            xv = tl.load(x_plane + (ih * W)[:, None] + iw[None, :],
+                         mask=row_ok[:, None] & ((iw >= 0) & (iw < W))[None, :], other=0.0)
+            tap = kw0 + j[:, None] - (o * SW)[None, :]
+            band = (tap >= kw0) & (tap < kw0 + STEP) & (tap < kw_hi)
+            t = tl.load(w_base + kh * KW + tap, mask=band, other=0.0)
+            if x_ptr.dtype.element_ty == tl.float32:
+                acc = tl.dot(xv, t.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xv, t.to(xv.dtype), acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c).to(tl.float32)
+    ow = ow0 + o
+    out_ok = (oh < OH)[:, None] & (ow < OW)[None, :]
+    tl.store(y_ptr + plane * OH * OW + (oh * OW)[:, None] + ow[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=out_ok)
+
+
+@triton.autotune(configs=_configs(TILE_OPTIONS, DOT_OPTIONS), key=_KEY)
 @triton.jit
 def _forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W, OH, OW, KH, KW, PT, PL, size_class, k_class,
                     SH: tl.constexpr, SW: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    forward_tile(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W, OH, OW, KH, KW, PT, PL, SH, SW, HAS_BIAS,
-                 BLOCK_C, BLOCK_H, BLOCK_W)
+                    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+                    DOT: tl.constexpr, BLOCK_WIN: tl.constexpr):
+    if DOT:
+        forward_tile_dot(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W, OH, OW, KH, KW, PT, PL, SH, SW, HAS_BIAS,
+                         BLOCK_H, BLOCK_W, BLOCK_WIN)
+    else:
+        forward_tile(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W, OH, OW, KH, KW, PT, PL, SH, SW, HAS_BIAS,
+                     BLOCK_C, BLOCK_H, BLOCK_W)
 
 
 @triton.autotune(configs=_configs(TILE_OPTIONS), key=_KEY)

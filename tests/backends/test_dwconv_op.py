@@ -113,7 +113,7 @@ def test_onnx_export_to_the_plugin_node_runs_in_onnxruntime(bias):
     ((1, 4, 8, 8), (4, 2, 3, 3), [1, 1], [1, 1, 1, 1]),   # not one filter per channel
     ((1, 4, 8, 8), (5, 1, 3, 3), [1, 1], [1, 1, 1, 1]),   # channel count differs
     ((4, 8, 8), (4, 1, 3, 3), [1, 1], [1, 1, 1, 1]),      # not 4-D
-    ((1, 4, 8, 8), (4, 1, 3, 3), [0, 1], [1, 1, 1, 1]),   # stride 0
+    ((1, 4, 8, 8), (4, 1, 3, 3), [3, 1], [1, 1, 1, 1]),   # stride 3
     ((1, 4, 8, 8), (4, 1, 3, 3), [1, 1], [1, 1]),         # padding not (top, left, bottom, right)
     ((1, 4, 2, 2), (4, 1, 9, 9), [1, 1], [0, 0, 0, 0]),   # no output
 ])

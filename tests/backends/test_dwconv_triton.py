@@ -10,8 +10,13 @@ fp32 1e-5 for the output and both gradients; fp16 1e-3 and bf16 1e-2 for the out
 rounding of the fp32 accumulator to the type, 2^-11 and 2^-8 relative, plus the interpreter's conversion); the
 weight gradient is returned in fp32 (1e-5 in every type).
 
+The forward runs twice: as autotuned (the interpreter keeps one direct configuration) and with a Toeplitz
+configuration (matrix products of input windows with banded weight matrices), launched directly.
+
 The kernels are also compiled for a real GPU (sm_90, PTX and cubin, no GPU needed): the AOT forward that the
-TensorRT plugin uses, and the three autotuned kernels with one of their configurations.
+TensorRT plugin uses, and the three autotuned kernels with one of their configurations (the forward's Toeplitz
+form in fp32, fp16 and bf16 too; bf16 is the one form whose numbers the interpreter cannot check, its tl.dot
+multiplying bf16 bit patterns as integers).
 """
 
 from __future__ import annotations
@@ -63,13 +68,16 @@ def _run_cases() -> dict:
         dy = torch.randn(ref.shape, generator=gen).to(dtype)
         gx, gw = torch.autograd.grad(ref, (xr, wr), dy.float())
         y = dwconv_triton.forward(x, weight, bias, stride, pads)
+        # Triton's interpreter keeps bf16 as uint16 bit patterns and its tl.dot multiplies those as integers
+        y_dot = _forward_toeplitz(x, weight, bias, stride, pads) if dtype != torch.bfloat16 else None
         dx = dwconv_triton.grad_input(dy, weight, (h, w), stride, pads)
         dw = dwconv_triton.grad_weight(dy, x, kernel, stride, pads)
 
         def err(a, b):
             return float((a.float() - b).abs().max() / b.abs().max())
 
-        out[name] = {"y": err(y, ref.detach()), "dx": err(dx, gx), "dw": err(dw, gw),
+        out[name] = {"y": err(y, ref.detach()), "y_dot": None if y_dot is None else err(y_dot, ref.detach()),
+                     "dx": err(dx, gx), "dw": err(dw, gw),
                      "shapes_ok": y.shape == ref.shape and dx.shape == x.shape and dw.shape == weight.shape,
                      "dtype_ok": y.dtype == dtype and dx.dtype == dtype}
     return out
@@ -81,6 +89,24 @@ def _interpret() -> dict:
                           cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _forward_toeplitz(x, weight, bias, stride, pads):
+    """The forward kernel with a Toeplitz configuration (the interpreter's autotuner keeps a direct one)."""
+    import torch
+    import triton
+
+    from lkfx.backends import dwconv_triton
+
+    n, c, h, w = x.shape
+    oh, ow = dwconv_triton.output_size((h, w), weight.shape[2:], stride, pads)
+    y = torch.empty((n, c, oh, ow), dtype=x.dtype)
+    block_h, block_w, block_win = 16, 16, 32
+    grid = (n * c, triton.cdiv(oh, block_h), triton.cdiv(ow, block_w))
+    dwconv_triton._forward_kernel.fn[grid](
+        x, weight, bias, y, c, h, w, oh, ow, *weight.shape[2:], pads[0], pads[1], 0, 0, SH=stride[0], SW=stride[1],
+        HAS_BIAS=True, BLOCK_C=1, BLOCK_H=block_h, BLOCK_W=block_w, DOT=True, BLOCK_WIN=block_win)
+    return y
 
 
 @pytest.fixture(scope="session")
@@ -105,6 +131,8 @@ def test_kernels_match_conv2d(results, case):
     tol = TOL[CASES[case][-1]]
     assert r["shapes_ok"] and r["dtype_ok"]
     assert r["y"] <= tol, f"forward error {r['y']:.3g} > {tol:g}"
+    if r["y_dot"] is not None:  # None: bf16, which the interpreter's tl.dot cannot do (compiled for sm_90 below)
+        assert r["y_dot"] <= tol, f"Toeplitz forward error {r['y_dot']:.3g} > {tol:g}"
     assert r["dx"] <= tol, f"grad input error {r['dx']:.3g} > {tol:g}"
     assert r["dw"] <= 1e-5, f"grad weight error {r['dw']:.3g} > 1e-5"
 
@@ -131,13 +159,19 @@ def test_kernels_compile_for_a_gpu():
     common = dict.fromkeys(("C", "H", "W", "OH", "OW", "KH", "KW", "PT", "PL", "size_class", "k_class"), i32)
     kernels = [
         (dt._forward_kernel, {"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "y_ptr": ptr, **common},
-         {"SH": 1, "SW": 1, "HAS_BIAS": True}),
+         {"SH": 1, "SW": 1, "HAS_BIAS": True, "DOT": False, "BLOCK_WIN": 16}),
+        (dt._forward_kernel, {"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "y_ptr": ptr, **common},
+         {"SH": 2, "SW": 2, "HAS_BIAS": True, "DOT": True, "BLOCK_WIN": 64, "BLOCK_C": 1, "BLOCK_H": 16,
+          "BLOCK_W": 32}),
+        *((dt._forward_kernel, {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "y_ptr": f"*{t}", **common},
+           {"SH": 1, "SW": 1, "HAS_BIAS": False, "DOT": True, "BLOCK_WIN": 64, "BLOCK_C": 1, "BLOCK_H": 16,
+            "BLOCK_W": 32}) for t in ("fp16", "bf16")),
         (dt._grad_input_kernel, {"dy_ptr": ptr, "w_ptr": ptr, "dx_ptr": ptr, **common}, {"SH": 2, "SW": 2}),
         (dt._grad_weight_kernel, {"dy_ptr": ptr, "x_ptr": ptr, "dw_ptr": ptr, "N": i32, **common, "SPLIT": i32},
          {"SH": 1, "SW": 2}),
     ]
     for autotuned, signature, constexprs in kernels:
-        constexprs = {**constexprs, **tiles}
+        constexprs = {**tiles, **constexprs}
         source = triton.compiler.ASTSource(fn=autotuned.fn, signature={**signature, **dict.fromkeys(
             constexprs, "constexpr")}, constexprs=constexprs)
         assert triton.compile(source, target=target, options={"num_warps": 4}).asm["cubin"]

@@ -163,7 +163,7 @@ def _weight(view: OnnxView, node: gs.Node, floats: set[str]) -> tuple[np.ndarray
         return "its input is not a float32 tensor"
     w = view.const(node.inputs[1])
     if w is None:
-        return "its weight is not a constant (activation x activation products stay float)"
+        return "its weight is not a constant (computed in the graph, or an initializer that is also a graph input)"
     if w.dtype != np.float32:
         return f"its weight is {w.dtype}, not float32"
     if node.op == "Conv":
@@ -234,6 +234,8 @@ def _calibrate(graph: gs.Graph, points: dict, batches: list[dict[str, np.ndarray
     import torch
     from tqdm import tqdm
 
+    if not points:
+        return {}
     observers = {name: make_observer() for name in points}
     inputs = {t.name for t in graph.inputs}
     fetch = [n for n in points if n not in inputs]

@@ -326,7 +326,7 @@ def fx_fake_quant(s: Subject) -> str:
     import onnx
 
     q, report = _transform(s, s.model, ["fake_quant"])
-    lkfx.calibrate(q, [s.x])
+    lkfx.calibrate(q, [s.x], method="minmax")
     _outputs(q, s.x)
     path = s.folder / f"{s.spec.name}.qdq.onnx"
     export_onnx(q.eval(), s.x, path)
@@ -377,7 +377,7 @@ CASES: tuple[Case, ...] = (
          "reparam_large_kernel (13x13 + 5x5, preserving init) equal, then merge_reparam equal, no block left"),
     Case("fx:kernel_warehouse", ("kernel_warehouse",), fx_kernel_warehouse,
          "budget 1: equal at tau=1; forward + backward at tau=0.5 with finite gradients"),
-    Case("fx:fake_quant", ("fake_quant",), fx_fake_quant, "runs; ONNX export has QDQ pairs"),
+    Case("fx:fake_quant", ("fake_quant",), fx_fake_quant, "minmax-calibrated on the batch, runs; ONNX export has QDQ"),
     Case("fx:fft_conv", ("fft_conv",), fx_exact(("fft_conv", {"mode": "always"})),
          "exact; mode=always on global convs (kernel covers the feature map)"),
     Case("fx:lower_dwconv", ("lower_dwconv",), fx_exact(("lower_dwconv", {"min_kernel": 3})),
@@ -421,8 +421,10 @@ def run_cell(subject: Subject, case: Case) -> Cell:
     return Cell(status, detail, time.perf_counter() - start)
 
 
-def run_zoo(models: Sequence[ZooModel], cases: Sequence[Case], progress: bool = True) -> dict[str, dict[str, Cell]]:
-    """{model id: {case name: Cell}}, built model by model (each model once, its export once)."""
+def run_zoo(models: Sequence[ZooModel], cases: Sequence[Case], progress: bool = True,
+            after_model: Callable[[dict[str, dict[str, Cell]]], None] | None = None) -> dict[str, dict[str, Cell]]:
+    """{model id: {case name: Cell}}, built model by model (each model once, its export once); `after_model`
+    gets the results so far after each model (a long run that is stopped keeps what it did)."""
     from tqdm import tqdm
 
     results: dict[str, dict[str, Cell]] = {}
@@ -441,6 +443,8 @@ def run_zoo(models: Sequence[ZooModel], cases: Sequence[Case], progress: bool = 
                 row[case.name] = run_cell(subject, case) if subject is not None else Cell("fail", why)
                 bar.update()
             del subject
+            if after_model is not None:
+                after_model(results)
     bar.close()
     return results
 
@@ -529,15 +533,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         cases = [get_case(n) for n in args.passes] if args.passes else list(CASES)
     except LkfxError as e:
         parser.error(str(e))
-    results = run_zoo(models, cases)
-    print(table(results))
-    if args.json:
-        args.json.write_text(json.dumps(to_json(results, cases), indent=1) + "\n")
-    if args.markdown:
+    def write(results: dict[str, dict[str, Cell]]) -> None:
         data = to_json(results, cases)
-        args.markdown.write_text(f"Zoo conformance, {data['date']}, {data['machine']}; input "
-                                 f"{'x'.join(map(str, INPUT_SHAPE))}, random weights.\n\n"
-                                 f"{table(results, markdown=True)}\n")
+        if args.json:
+            args.json.write_text(json.dumps(data, indent=1) + "\n")
+        if args.markdown:
+            args.markdown.write_text(f"Zoo conformance, {data['date']}, {data['machine']}; input "
+                                     f"{'x'.join(map(str, INPUT_SHAPE))}, random weights.\n\n"
+                                     f"{table(results, markdown=True)}\n")
+
+    results = run_zoo(models, cases, after_model=write)
+    print(table(results))
     return 1 if counts(results)["fail"] else 0
 
 

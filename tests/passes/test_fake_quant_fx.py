@@ -180,3 +180,20 @@ def test_export_runs_int8_in_onnxruntime(tmp_path, placement):
         assert np.abs(out - ref).max() <= step * 1.01
     else:
         assert np.abs(out - ref).max() <= 0.02 * np.abs(ref).max()
+
+
+@pytest.mark.slow  # ~30 s: torch.export of a real network
+def test_resnet18_runs_every_conv_in_int8(tmp_path):
+    from zoo_models import build, example_input, get
+
+    model, x = build(get("tv-resnet18")), example_input()
+    q = lkfx.transform(model, [("fake_quant", {"placement": "ort"})], calib_data=[x])
+    with torch.no_grad():
+        ref, out = model(x), q(x)
+    assert (out - ref).abs().max() <= 0.1 * ref.abs().max()
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(export_onnx(q, x).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    assert ops.count("QLinearConv") == 20 and ops.count("QLinearAdd") == 8 and ops.count("QGemm") == 1
+    assert "Conv" not in ops and "FusedConv" not in ops

@@ -222,6 +222,30 @@ def test_tensorrt_placement_quantizes_layer_inputs_and_the_residual_skip(digits,
     assert "QLinearConv" in optimized_ops(out, tmp_path)
 
 
+def test_tensorrt_residual_rule_quantizes_the_shortcut_only():
+    """ModelOpt's rule: the Add input coming straight from a conv is left float (TensorRT fuses conv + add), the
+    shortcut is quantized; with convs on both sides the shortcut is the shorter branch (the downsample conv); an Add
+    whose other input is computed from that very conv's output is not a residual add."""
+    rng = np.random.default_rng(4)
+    conv = [init(f"W{i}", rand(rng, 4, 4, 1, 1)) for i in range(4)]
+    nodes_ = [helper.make_node("Conv", ["x", "W0"], ["c0"], name="stem"), helper.make_node("Relu", ["c0"], ["r"]),
+              helper.make_node("Conv", ["r", "W1"], ["c1"], name="main1"), helper.make_node("Relu", ["c1"], ["r1"]),
+              helper.make_node("Conv", ["r1", "W2"], ["c2"], name="main2"),
+              helper.make_node("Conv", ["r", "W3"], ["c3"], name="down"),
+              helper.make_node("Add", ["c2", "c3"], ["a1"], name="both_convs"),
+              helper.make_node("Add", ["c2", "r"], ["a2"], name="conv_and_skip"),
+              helper.make_node("Sigmoid", ["c3"], ["g"]), helper.make_node("Add", ["c3", "g"], ["a3"], name="not_res"),
+              helper.make_node("Add", ["a1", "a2"], ["a4"]), helper.make_node("Add", ["a4", "a3"], ["y"])]
+    model = make_model(nodes_, {"x": (None, 4, 3, 3)}, ["y"], conv)
+    out, pr = quantize(model, [rand(rng, 2, 4, 3, 3)], method="minmax", placement="tensorrt")
+    producers = {o: n.op_type for n in out.graph.node for o in n.output}
+    adds = {n.name: [producers.get(i, "input") for i in n.input] for n in out.graph.node if n.op_type == "Add"}
+    assert adds["both_convs"] == ["Conv", "DequantizeLinear"]
+    assert adds["conv_and_skip"] == ["Conv", "DequantizeLinear"]
+    assert adds["not_res"] == ["Conv", "Sigmoid"]
+    assert pr.rewritten == 4 and np.isfinite(run(out, rand(rng, 2, 4, 3, 3))).all()
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_runs_and_range_methods_stay_close_to_float(digits, method):
     model, calib, x_test, y_test, ref = digits
@@ -336,7 +360,8 @@ def test_input_model_untouched_and_refusals_before_any_work(digits):
 def test_torchvision_backbones(name, tmp_path):
     """Real definitions (random weights, random BN statistics): every conv and the head quantized, onnxruntime
     turns the whole network into integer kernels (one QuantizeLinear at the input, no DequantizeLinear: MaxPool and
-    Flatten keep their input's grid), outputs within 10 % of the float model's scale on the calibration data."""
+    Flatten keep their input's grid), outputs within 10 % of the float model's scale on the calibration data; with
+    placement="tensorrt" every residual Add reads its conv directly and its shortcut through QDQ."""
     import torchvision
 
     torch.manual_seed(0)
@@ -353,3 +378,7 @@ def test_torchvision_backbones(name, tmp_path):
     assert ops.count("QLinearConv") == pr.matched - 1 and "QGemm" in ops and "Conv" not in ops
     assert ops.count("QuantizeLinear") == 1 and "DequantizeLinear" not in ops, ops
     assert max_rel_error([run(src, x.numpy())], [run(out, x.numpy())]) <= 0.1
+    trt, _ = quantize(src, [x.numpy()], method="percentile", placement="tensorrt")
+    producers = {o: n.op_type for n in trt.graph.node for o in n.output}
+    adds = [sorted(producers[i] for i in n.input) for n in trt.graph.node if n.op_type == "Add"]
+    assert adds and all(a == ["Conv", "DequantizeLinear"] for a in adds), adds  # conv + add fusible, shortcut int8

@@ -1,6 +1,12 @@
 """fake_quant on ONNX: fold BatchNorm, calibrate activation ranges in onnxruntime, insert QuantizeLinear /
 DequantizeLinear (QDQ) pairs that onnxruntime and TensorRT run as int8.
 
+    x -> Conv(W, b) -> BN -> Relu -> next
+
+becomes (placement="ort"; "tensorrt" keeps the bias float and quantizes only the conv's input)::
+
+    x -> Q -> DQ -> Conv(DQ(W_int8, s_w, axis=0), DQ(b_int32, s_x s_w)) -> Relu -> Q -> DQ -> next
+
 Steps, in this order (the calibration data is checked first, before any work):
 
 1. ``fold_bn`` folds every BatchNorm it can into its conv (a BN left over is reported and stays float).

@@ -45,7 +45,7 @@ def test_tensorrt_placement_on_the_digits_cnn():
     model = digits_cnn()
     q, report = lkfx.transform(model, ["fake_quant"], return_report=True)
     rep = report.passes[0]
-    assert rep.rewritten == 5 + 6 and not rep.skipped
+    assert rep.matched == rep.rewritten == 5 + 6 and not rep.skipped
     assert any("4 BatchNorm(s) folded" in n for n in rep.notes)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in q.modules())
     assert len(quantizers(q, WeightFakeQuant)) == 5  # four convs and the linear

@@ -215,6 +215,7 @@ def run_fx(gm: fx.GraphModule, ctx: PassContext, config: dict[str, Any]) -> fx.G
     view = FxView(gm)
     weights = _quantize_weights(gm, view, config["weight_bits"], ctx)
     activations = _quantize_activations(gm, FxView(gm), config)
+    report.matched += activations
     report.rewritten += weights + activations
     kind = "symmetric" if config["act_symmetric"] else "asymmetric"
     report.note(f"{weights} weight quantizer(s) (int{config['weight_bits']}, symmetric per output channel), "

@@ -123,7 +123,8 @@ def _batch_item(item: Any, names: list[str], index: int) -> dict[str, Any]:
     if isinstance(item, (tuple, list)):
         if len(item) != len(names):
             raise LkfxError(f"calibration batch {index} has {len(item)} arrays, the model has {len(names)} inputs "
-                            f"({', '.join(map(repr, names))})")
+                            f"({', '.join(map(repr, names))}); for a loader of (inputs, labels) pass "
+                            "(x for x, _ in loader)")
         return dict(zip(names, item, strict=True))
     raise LkfxError(f"calibration batch {index} is a {type(item).__name__}; give an array, a {{name: array}} dict "
                     "or a tuple of arrays in input order")

@@ -350,6 +350,9 @@ def test_input_model_untouched_and_refusals_before_any_work(digits):
             lkfx.transform(model, [("fake_quant", options)], calib_data=calib)
     with pytest.raises(LkfxError, match="--calib-data"):
         lkfx.transform(model, ["fake_quant"])
+    twice = quantize(model, calib, method="minmax")[0]
+    with pytest.raises(LkfxError, match="already quantized"):
+        lkfx.transform(twice, ["fake_quant"], calib_data=calib)
     old = make_model([helper.make_node("Relu", ["x"], ["y"])], {"x": (1, 2)}, ["y"], [], opset=12)
     with pytest.raises(LkfxError, match="opset >= 13"):
         lkfx.transform(old, ["fake_quant"], calib_data=[np.zeros((1, 2), np.float32)])

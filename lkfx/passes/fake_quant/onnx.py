@@ -119,7 +119,7 @@ def input_spec(graph: gs.Graph) -> dict[str, tuple[tuple[int | None, ...], np.dt
 
 
 def _observer_factory(graph: gs.Graph, config: dict):
-    """Check the options that concern ONNX and return a function making one activation observer."""
+    """Check the model and the options that concern ONNX; return a function making one activation observer."""
     from lkfx.quant.observers import make_observer
 
     if config["placement"] not in ("tensorrt", "ort"):
@@ -130,6 +130,10 @@ def _observer_factory(graph: gs.Graph, config: dict):
     bits = config["weight_bits"]
     if not (isinstance(bits, int) and 2 <= bits <= 8):
         raise LkfxError(f"weight_bits must be an integer from 2 to 8 on ONNX (int8 storage), got {bits!r}")
+    quantized = sum(n.op in ("QuantizeLinear", "DequantizeLinear") for n in graph.nodes)
+    if quantized:
+        raise LkfxError(f"the model is already quantized ({quantized} QuantizeLinear / DequantizeLinear nodes); "
+                        "give fake_quant the float model")
     if (graph.opset or 0) < MIN_OPSET:
         raise LkfxError(f"fake_quant needs ONNX opset >= {MIN_OPSET} (per-channel DequantizeLinear), the model has "
                         f"opset {graph.opset}; convert it with onnx.version_converter.convert_version(model, 13)")

@@ -156,6 +156,30 @@ def test_qat_fuses_conv_bn_and_trains():
         assert torch.isfinite(q(x)).all()
 
 
+class SharedConvBn(nn.Module):
+    """The same conv + BN applied twice, and a conv whose output is also read by the residual add."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.conv2, self.bn2 = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        x = self.bn(self.conv(self.bn(self.conv(x))))
+        y = self.conv2(x)
+        return self.bn2(y) + y
+
+
+def test_qat_refuses_shared_and_multi_use_pairs():
+    q, report = lkfx.transform(SharedConvBn().train(), [("fake_quant", {"qat": True})], return_report=True)
+    reasons = sorted(s.reason for s in report.passes[0].skipped)
+    assert len(reasons) == 3 and not any(isinstance(m, ConvBnFakeQuant) for m in q.modules())
+    assert "called 2 times" in reasons[0] and "called 2 times" in reasons[1]
+    assert "also used by add" in reasons[2]
+    q(torch.randn(2, 3, 6, 6)).sum().backward()  # still trains: the refused convs quantize their weights alone
+    assert q.conv.weight.grad is not None
+
+
 @pytest.mark.parametrize("placement", ["ort", "tensorrt"])
 def test_export_runs_int8_in_onnxruntime(tmp_path, placement):
     q = lkfx.transform(digits_cnn(), [("fake_quant", {"placement": placement, "method": "minmax"})],

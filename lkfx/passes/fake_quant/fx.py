@@ -81,6 +81,21 @@ def _is_activation(value: Any) -> bool:
     return True
 
 
+def _fuse_refusal(gm: fx.GraphModule, view: FxView, conv_node: fx.Node, bn_node: fx.Node) -> str | None:
+    conv, bn = gm.get_submodule(conv_node.target), gm.get_submodule(bn_node.target)
+    if others := view.users_besides(conv_node, bn_node):
+        return f"the conv output is also used by {', '.join(others)}"
+    if shared := view.weight_shared_with(view.conv(conv_node)):
+        return shared
+    if sum(n.op == "call_module" and n.target == bn_node.target for n in gm.graph.nodes) > 1:
+        return "the BatchNorm module is called several times"
+    if bn.running_var is None:
+        return "BatchNorm has no running statistics"
+    if bn.num_features != conv.out_channels:
+        return f"BatchNorm has {bn.num_features} channels, the conv {conv.out_channels}"
+    return None
+
+
 def _fuse_conv_bn(gm: fx.GraphModule, view: FxView, bits: int, ctx: PassContext) -> int:
     """QAT: module conv -> module BatchNorm pairs become one ConvBnFakeQuant (under the conv's name)."""
     fused = 0
@@ -91,15 +106,11 @@ def _fuse_conv_bn(gm: fx.GraphModule, view: FxView, bits: int, ctx: PassContext)
             continue
         where = f"{conv_node.target} + {bn_node.target}"
         ctx.report.matched += 1
-        conv, bn = gm.get_submodule(conv_node.target), gm.get_submodule(bn_node.target)
-        others = view.users_besides(conv_node, bn_node)
-        reason = (f"the conv output is also used by {', '.join(others)}" if others else
-                  "BatchNorm has no running statistics" if bn.running_var is None else
-                  f"BatchNorm has {bn.num_features} channels, the conv {conv.out_channels}"
-                  if bn.num_features != conv.out_channels else None)
+        reason = _fuse_refusal(gm, view, conv_node, bn_node)
         if reason:
             ctx.report.skip(where, f"conv->bn (QAT fold): {reason}")
             continue
+        conv, bn = gm.get_submodule(conv_node.target), gm.get_submodule(bn_node.target)
         gm.add_submodule(conv_node.target, ConvBnFakeQuant(conv, bn, bits))
         bn_node.replace_all_uses_with(conv_node)
         gm.graph.erase_node(bn_node)

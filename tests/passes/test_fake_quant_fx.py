@@ -206,6 +206,22 @@ def test_export_runs_int8_in_onnxruntime(tmp_path, placement):
         assert np.abs(out - ref).max() <= 0.02 * np.abs(ref).max()
 
 
+def test_export_of_narrow_grids_matches_in_onnxruntime(tmp_path):
+    """4-bit weights and symmetric 4-bit activations export as Clip -> int8 QDQ: the same values in onnxruntime."""
+    options = {"placement": "ort", "method": "minmax", "weight_bits": 4, "act_bits": 4, "act_symmetric": True}
+    q = lkfx.transform(digits_cnn(), [("fake_quant", options)], calib_data=calib())
+    proto = export_onnx(q, calib()[0][:1])
+    assert "Clip" in [n.op_type for n in proto.graph.node]
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.rand(32, 1, 8, 8)
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        ref = q(x).numpy()
+    logits = next(n for n in q.graph.nodes if n.op == "output").args[0]
+    assert np.abs(out - ref).max() <= q.get_submodule(logits.target).scale.item() * 1.01
+    assert len(np.unique(out)) <= 15  # the logits are on the 4-bit grid
+
+
 @pytest.mark.slow  # ~30 s: torch.export of a real network
 def test_resnet18_runs_every_conv_in_int8(tmp_path):
     from zoo_models import build, example_input, get

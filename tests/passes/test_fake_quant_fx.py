@@ -101,6 +101,22 @@ def test_functional_graph_and_padding_mode():
     assert set(dict(q.named_parameters())) == set(dict(model.named_parameters()))  # same parameter names
 
 
+def test_conv_transpose_per_output_channel():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(8, 4, 2, stride=2),
+                          nn.ReLU(), nn.ConvTranspose2d(4, 4, 3, padding=1, groups=2)).eval()
+    data = calib(shape=(4, 3, 8, 8))
+    q, report = lkfx.transform(model, ["fake_quant"], calib_data=data, return_report=True)
+    assert [s.reason for s in report.passes[0].skipped] == \
+        ["grouped ConvTranspose: output channels are not one weight axis"]
+    up = q.get_submodule(next(n for n in quantizers(q, WeightFakeQuant) if n.startswith("_2")))
+    assert up.axis == 1  # ConvTranspose weights are (in, out, k, k)
+    assert len(quantizers(q, FakeQuant)) == 3  # inputs of the conv and of both transposed convs
+    with torch.no_grad():
+        ref, out = model(data[0]), q(data[0])
+    assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
 def test_weight_bits_four_and_per_channel_depthwise():
     q = lkfx.transform(digits_cnn(), [("fake_quant", {"weight_bits": 4})])
     dw = next(m for n, m in q.named_modules() if n.startswith("dw_weight"))

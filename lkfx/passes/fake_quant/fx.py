@@ -4,15 +4,15 @@ Post-training (``qat=False``): BatchNorms are folded first (`fold_bn`), then::
 
     x -> conv(W, b)          becomes      x -> FakeQuant -> conv(WeightFakeQuant(W), b)
 
-Every conv / linear (module or functional) reads its weight through a `WeightFakeQuant` (symmetric, per output
-channel, ``weight_bits``); a module conv becomes the functional call on the same parameters (its padding mode
-kept), so the state dict keeps its names. Activations get one `FakeQuant` per tensor (per-tensor,
-``act_bits``, asymmetric unless ``act_symmetric``), placed by ``placement``:
+Every conv / linear / ungrouped conv-transpose, module or functional, reads its weight through a
+`WeightFakeQuant` (symmetric, per output channel, ``weight_bits``); a module becomes the functional call on the
+same parameters (its padding mode kept), so the state dict keeps its names. Activations get one `FakeQuant` per
+tensor (per-tensor, ``act_bits``, asymmetric unless ``act_symmetric``), placed by ``placement``:
 
-- ``tensorrt`` (TensorRT / ModelOpt QDQ rules): the data inputs of conv, linear and matmul, and both inputs of a
-  residual add; other consumers of the tensor keep reading the float value.
-- ``ort`` (onnxruntime's QDQ format): those inputs plus the outputs of conv, linear, matmul and add (after a
-  ReLU that is their only reader, which onnxruntime then drops), so each becomes one int8 kernel.
+- ``tensorrt`` (TensorRT / ModelOpt QDQ rules): the data inputs of conv, conv-transpose, linear and matmul, and
+  both inputs of a residual add; other consumers of the tensor keep reading the float value.
+- ``ort`` (onnxruntime's QDQ format): those inputs plus the outputs of these ops (after a ReLU that is their only
+  reader, which onnxruntime then drops), so each becomes one int8 kernel.
 
 QAT (``qat=True``): module conv -> BatchNorm pairs become `ConvBnFakeQuant` (folded, fake-quantized weights with
 the batch-statistics correction until `lkfx.quant.freeze_bn`), the activation quantizers track moving-average
@@ -43,6 +43,7 @@ _MATMUL = {operator.matmul, torch.matmul, torch.mm, torch.bmm, aten.mm.default, 
            aten.matmul.default}
 _RELU = {F.relu, torch.relu, aten.relu.default}
 _FUNCTIONAL = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_TRANSPOSED = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 def check_config(config: dict[str, Any]) -> None:
@@ -129,23 +130,30 @@ def _functional_conv(gm: fx.GraphModule, node: fx.Node, module: nn.Module, weigh
     if module.padding_mode != "zeros":
         x = g.call_function(F.pad, (x, module._reversed_padding_repeated_twice), {"mode": module.padding_mode})
         padding = 0
-    fn = _FUNCTIONAL[module.weight.ndim - 2]
-    return g.call_function(fn, (x, weight, bias, module.stride, padding, module.dilation, module.groups))
+    nd = module.weight.ndim - 2
+    if module.transposed:
+        return g.call_function(_TRANSPOSED[nd], (x, weight, bias, module.stride, padding, module.output_padding,
+                                                 module.groups, module.dilation))
+    return g.call_function(_FUNCTIONAL[nd], (x, weight, bias, module.stride, padding, module.dilation,
+                                             module.groups))
 
 
 def _quantize_weights(gm: fx.GraphModule, view: FxView, bits: int, ctx: PassContext) -> int:
     done = 0
     for node in view.candidates(frozenset({"conv", "linear", "conv_transpose"})):
         ctx.report.matched += 1
-        where = view.describe(node)
-        if view.kind(node) == "conv_transpose":
-            ctx.report.skip(where, "ConvTranspose weights are not quantized")
-            continue
-        if view.conv(node).weight is None:
+        where, info = view.describe(node), view.conv(node)
+        if info.weight is None:
             ctx.report.skip(where, "the weight is computed in the graph, not a parameter")
             continue
+        if info.transposed and info.groups > 1:
+            ctx.report.skip(where, "grouped ConvTranspose: output channels are not one weight axis")
+            continue
+        if info.transposed and node.op == "call_module" and len(node.args) + len(node.kwargs) > 1:
+            ctx.report.skip(where, "ConvTranspose called with output_size")
+            continue
         name = view._fresh_name(f"{node.name}_weight_fq")
-        gm.add_submodule(name, WeightFakeQuant(bits))
+        gm.add_submodule(name, WeightFakeQuant(bits, axis=1 if info.transposed else 0))
         with gm.graph.inserting_before(node):
             if node.op == "call_module":
                 module = gm.get_submodule(node.target)
@@ -166,7 +174,7 @@ def _placement(gm: fx.GraphModule, view: FxView, placement: str) -> tuple[list[t
     outputs: list[fx.Node] = []
     for node in gm.graph.nodes:
         fused = node.op == "call_module" and isinstance(gm.get_submodule(node.target), ConvBnFakeQuant)
-        if fused or view.kind(node) in ("conv", "linear"):
+        if fused or view.kind(node) in ("conv", "conv_transpose", "linear"):
             srcs = [node.args[0]]
         elif _is(node, _MATMUL, ("matmul", "mm", "bmm")):
             srcs = list(node.args[:2])

@@ -67,7 +67,7 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
 def weight_scale(w: torch.Tensor, bits: int, axis: int = 0) -> torch.Tensor:
     """Symmetric per-channel scale ``max|w| / qmax`` along `axis` (detached)."""
     amax = w.detach().abs().amax(dim=[d for d in range(w.ndim) if d != axis])
-    return qparams(-amax, amax, bits=bits, symmetric=True)[0].to(w.device)
+    return qparams(-amax, amax, bits=bits, symmetric=True)[0]
 
 
 def fake_quantize_weight(w: torch.Tensor, bits: int, axis: int = 0) -> torch.Tensor:

@@ -20,7 +20,6 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike |
                 dynamic_batch: bool = True, opset: int = 18) -> Any:
     """Export `model` (in eval mode) to ONNX with QDQ nodes and constant-folded weights; returns the
     ``onnx.ModelProto`` and writes it to `path` when given. `dynamic_batch` leaves dimension 0 of every input free."""
-    import onnx_ir
     import onnxscript.optimizer
 
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
@@ -33,7 +32,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike |
     finally:
         model.train(was_training)
     onnxscript.optimizer.optimize(program.model, input_size_limit=2**62, output_size_limit=2**62)
-    proto = onnx_ir.serde.serialize_model(program.model)
+    proto = program.model_proto
     if path is not None:
         from lkfx.graph.onnx import save_atomic
 

@@ -9,6 +9,7 @@ and minmax exactly; ema averages the two).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -26,6 +27,9 @@ def _describe(batch: tuple[torch.Tensor, ...]) -> str:
 
 def _batches(model: nn.Module, data: Any, num_batches: int) -> list[tuple[torch.Tensor, ...]]:
     """The batches as tuples of positional inputs, checked for type, dtype, count and consistent shapes."""
+    if isinstance(data, (str, os.PathLike)):
+        raise LkfxError(f"calibration data for a torch model is batches of tensors, not a path ({data}); load the "
+                        "arrays first, e.g. [torch.from_numpy(a) for a in numpy.load(path).values()]")
     if isinstance(data, torch.Tensor) or not isinstance(data, Iterable):
         raise LkfxError("calibration data must be an iterable of batches (a list of input tensors, or of tuples of "
                         f"inputs for a model with several), got {type(data).__name__}")

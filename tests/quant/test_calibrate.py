@@ -53,6 +53,7 @@ def test_transform_calibrates_with_calib_data():
 
 @pytest.mark.parametrize(("data", "match"), [
     (torch.randn(8, 3, 6, 6), "iterable of batches"),
+    ("batches.npz", "not a path"),
     ([], "no batches"),
     ([torch.randn(8, 3, 6, 6), torch.randn(8, 3, 7, 6)], "does not match batch 0"),
     ([torch.randint(0, 5, (8, 3, 6, 6))], "non-float"),

@@ -162,6 +162,35 @@ def test_custom_domain_passes_through_and_cannot_be_checked(tmp_path, capsys):
     assert count(result, "BatchNormalization") == 0
 
 
+def test_control_flow_subgraphs_are_left_alone(tmp_path):
+    """Conv + BN inside If branches: the passes rewrite the main graph only; the subgraphs stay and the result is
+    the same in onnxruntime on both branches."""
+    rng = np.random.default_rng(0)
+    shape = [1, 4, 6, 6]
+
+    def branch(name):
+        conv = helper.make_node("Conv", ["x", f"W{name}"], [f"c{name}"], pads=[1, 1, 1, 1], name=f"conv{name}")
+        bn = helper.make_node("BatchNormalization", [f"c{name}", f"s{name}", f"b{name}", f"m{name}", f"v{name}"],
+                              [f"y{name}"], name=f"bn{name}")
+        inits = [numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), f"W{name}")]
+        inits += [numpy_helper.from_array(rng.uniform(0.5, 1.5, 4).astype(np.float32), f"{k}{name}") for k in "sbmv"]
+        return helper.make_graph([conv, bn], name, [], [helper.make_tensor_value_info(f"y{name}", 1, shape)], inits)
+
+    node = helper.make_node("If", ["cond"], ["y"], then_branch=branch("a"), else_branch=branch("b"), name="if")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape),
+                                            helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    src, out = write(tmp_path, model), tmp_path / "out.onnx"
+    assert main(optimize(src, out, "-p", "merge_reparam", "--check")) == 0
+    result = onnx.load(str(out))
+    assert result.graph.node[0].op_type == "If"
+    for cond in (True, False):
+        feeds = {"x": rng.standard_normal(shape).astype(np.float32), "cond": np.array(cond)}
+        assert max_rel_error(gonnx.run(model, feeds), gonnx.run(result, feeds)) == 0
+
+
 # --- shapes and types ---------------------------------------------------------------------------------------
 def _symbolic(model, names=("N", "C", "H", "W")):
     for value in (model.graph.input[0], model.graph.output[0]):

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from .netgen import HypothesisDraw, RandomDraw, draw_net
 from .props import FX_CHAINS, ONNX_CHAINS, check_fx, check_onnx
 
-CI = settings(max_examples=12, deadline=None, derandomize=True, database=None,
+CI = settings(max_examples=10, deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 

@@ -75,12 +75,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def _optimize(args: argparse.Namespace) -> int:
     import lkfx
+    from lkfx.graph import onnx as gonnx
 
     src, dst = Path(args.input), Path(args.output)
-    if dst.exists() and src.exists() and os.path.samefile(src, dst):
-        raise LkfxError(f"output '{dst}' is the input file; choose another -o so the input is kept")
-    if args.report and Path(args.report).exists() and src.exists() and os.path.samefile(src, args.report):
-        raise LkfxError("--report points at the input file; choose another path")
+    inputs = gonnx.input_files(src)
+    for path, what in ((dst, "output"), (dst.with_name(f"{dst.name}.data"), "output's data file"),
+                       (args.report and Path(args.report), "--report")):
+        same = path and path.exists() and any(i.exists() and os.path.samefile(path, i) for i in inputs)
+        if path and (path.resolve() in inputs or same):
+            raise LkfxError(f"{what} '{path}' is the input file or one of its data files; choose another path so the "
+                            "input is kept")
     if args.calib_data is not None and not Path(args.calib_data).exists():
         raise LkfxError(f"calibration data '{args.calib_data}' does not exist")
     passes = [parse_pass(s) for s in args.passes]
@@ -89,8 +93,6 @@ def _optimize(args: argparse.Namespace) -> int:
     pass_objs = resolve_passes(passes)
     if args.calib_data is not None and not any(p.uses_calib_data for p in pass_objs):
         raise LkfxError("--calib-data was given but none of the selected passes uses calibration data")
-    from lkfx.graph import onnx as gonnx
-
     for path, what in ((dst, "output"), (args.report and Path(args.report), "report")):
         if path:
             _check_writable(path, what)

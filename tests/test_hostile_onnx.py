@@ -322,6 +322,13 @@ def test_external_data_missing_or_short_is_refused(tmp_path, capsys, external, c
     refuse(tmp_path, capsys, optimize(src, tmp_path / "model" / "out.onnx"), *words)
 
 
+@pytest.mark.parametrize("flag", ["-o", "--report"])
+def test_writing_over_the_inputs_data_file_is_refused(tmp_path, capsys, external, flag):
+    data = external.parent / "ext.data"
+    args = optimize(external, tmp_path / "out.onnx") + [flag, str(data)]
+    refuse(tmp_path, capsys, args, "the input file or one of its data files")
+
+
 def test_over_2gb_model_with_external_data(tmp_path, capsys, external, monkeypatch):
     """The > 2 GB route with a small stand-in: the same structure (weights in an external data file beside the
     model), the 2 GB limit lowered to 1 KB. lkfx reads the data, skips onnx.checker (which cannot hold > 2 GB),

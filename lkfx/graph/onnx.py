@@ -51,6 +51,18 @@ def load(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def input_files(path: str | os.PathLike) -> set[Path]:
+    """The model file and the external data files it names, resolved (what writing must not touch); just the
+    path when it is not a readable model."""
+    path = Path(path).resolve()
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except Exception:  # unreadable: `load` says why
+        return {path}
+    locations = {e.value for t in _all_tensors(model) for e in t.external_data if e.key == "location"}
+    return {path, *((path.parent / loc).resolve() for loc in locations)}
+
+
 def _load_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
     from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 

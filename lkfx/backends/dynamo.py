@@ -8,13 +8,17 @@ Registered through the ``torch_dynamo_backends`` entry point, so it works after 
       ──► lkfx passes (pattern layer on aten.convolution / aten.native_batch_norm ...)
       ──► inductor ``compile_fx`` (it runs AOT autograd: the backward of the rewritten graph is derived from it)
 
-Inference (no input requires grad, or grad mode is off, the rule AOT autograd uses) gets every pass; the default
-is ``fold_bn``, ``fft_conv`` (``min_kernel=5``, ``mode='auto'``: the cost model decides per conv) and
-``lower_dwconv`` when that pass is registered (before ``fft_conv`` on CUDA, after it on the CPU). The graph is
-compiled with inductor's ``freezing`` on, since its parameters are constants already. Folding reads parameter
-values, so the compiled graph watches them: when one of them is replaced or changed in place (its version counter
-moves: ``load_state_dict``, an optimizer step, ``copy_``) the next call **recompiles** with the new values (logged
-at INFO). Writes through ``.data`` bypass version counters and are not seen: call ``torch._dynamo.reset()``.
+Inference (no input requires grad, or grad mode is off, the rule AOT autograd uses) gets every pass asked for.
+Default passes: on CUDA ``fold_bn``, ``lower_dwconv`` (when registered: the Triton depthwise kernel) and
+``fft_conv`` (``min_kernel=5``, ``mode='auto'``); on the CPU ``fold_bn`` only. Inductor runs every CPU conv in
+channels-last layout through oneDNN, whose depthwise convs have no large-kernel cliff (one thread, loaded 2-core
+x86, depthwise 31x31 on 8x64x56x56: NCHW 1296 ms, channels-last 64 ms, lkfx's FFT 73 ms; 27x27 on 8x256x14x14:
+253 / 7.3 / 21 ms), while ``fft_conv``'s cost model compares against NCHW convs and ``lower_dwconv``'s CPU path
+runs the NCHW conv: on the CPU both would pick slower code. Ask for them with ``options={"passes": [...]}``.
+The graph is compiled with inductor's ``freezing`` on, since its parameters are constants already. Folding reads
+parameter values, so the compiled graph watches them: when one of them is replaced or changed in place (its version
+counter moves: ``load_state_dict``, an optimizer step, ``copy_``) the next call **recompiles** with the new values
+(logged at INFO). Writes through ``.data`` bypass version counters and are not seen: call ``torch._dynamo.reset()``.
 
 Training keeps only the passes that are valid with gradients (``fft_conv``, ``lower_dwconv``): parameters stay
 graph inputs, the FFT conv computes its kernel spectrum in the graph, and gradients are those of the same
@@ -32,6 +36,7 @@ without lkfx's passes, with a note: compile with ``dynamic=False`` to keep them.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -57,11 +62,11 @@ def last_report() -> Report | None:
 
 
 def default_passes(device: str) -> list[Any]:
-    passes: list[Any] = ["fold_bn"]
-    fft = ("fft_conv", {"min_kernel": 5})
+    """The passes run when ``options`` names none (see the module docstring for why the CPU gets fewer)."""
+    if device != "cuda":
+        return ["fold_bn"]
     lower = ["lower_dwconv"] if any(p["name"] == "lower_dwconv" for p in list_passes()) else []
-    passes += [*lower, fft] if device == "cuda" else [fft, *lower]
-    return passes
+    return ["fold_bn", *lower, ("fft_conv", {"min_kernel": 5})]
 
 
 def lkfx_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict[str, Any] | None = None
@@ -131,12 +136,15 @@ def _compile(gm: fx.GraphModule, inputs: Sequence[Any], passes: list[Pass], opti
         if training and p.name not in TRAINING_PASSES:
             pr.note(f"not applied in training (only {', '.join(sorted(TRAINING_PASSES))} keep gradients exact)")
             continue
+        start = time.perf_counter()
         try:
             graph = p.run_fx(graph, PassContext(pr))
         except LkfxError:
             raise
         except Exception as e:
             raise PassError(f"pass '{p.name}' failed on an ATen graph: {type(e).__name__}: {e}") from e
+        finally:
+            pr.seconds += time.perf_counter() - start
     report.after = aten_stats(graph)
     _publish(report, training)
     kept = [t for i, t in enumerate(inputs) if i not in frozen]

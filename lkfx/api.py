@@ -250,7 +250,7 @@ def _compare_onnx(model, out, feeds) -> float:
     except Exception as e:  # onnxruntime's errors are plain Exceptions: unknown ops, missing kernels, bad shapes
         shapes = {k: list(getattr(v, "shape", ())) for k, v in feeds.items()}
         raise LkfxError(f"onnxruntime cannot run the input model on inputs of shapes {shapes}, so it cannot be "
-                        f"checked: {gonnx.one_line(e)}; drop the check or fix the model's input shapes") from e
+                        f"checked: {gonnx.one_line(e)}; fix the model (or its input shapes) or drop the check") from e
     try:
         got = gonnx.run(out, feeds)
     except Exception as e:

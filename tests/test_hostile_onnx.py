@@ -116,6 +116,14 @@ def _ir_too_new(m):
     m.ir_version = 99
 
 
+def _weight_data_too_long(m):
+    m.graph.initializer[0].dims[:] = [4, 4, 3]
+
+
+def _weight_data_too_short(m):
+    m.graph.initializer[0].raw_data = m.graph.initializer[0].raw_data[:10]
+
+
 BROKEN = {
     "cycle": (_cycle, ["cycle", "'conv0' -> 'bn0'", "acyclic"]),
     "dangling node input": (_dangling_node_input, ["'conv1' reads 'nowhere'", "dangling"]),
@@ -127,6 +135,8 @@ BROKEN = {
     "opset far in the future": (_opset(99), ["opset 99"]),
     "no default opset": (_no_default_opset, ["opset_import"]),
     "IR version too new": (_ir_too_new, ["ir_version 99"]),
+    "initializer data longer than its shape": (_weight_data_too_long, ["'w0' has shape [4, 4, 3]", "corrupt"]),
+    "initializer data shorter than its shape": (_weight_data_too_short, ["'w0'", "10 bytes"]),
 }
 
 
@@ -214,6 +224,15 @@ def test_dynamic_and_symbolic_shapes_are_checked(tmp_path, names):
     assert json.loads(rep.read_text())["check"]["passed"] is True
     feeds = {"x": np.random.default_rng(0).standard_normal((3, 4, 13, 11)).astype(np.float32)}
     assert max_rel_error(gonnx.run(onnx.load(str(src)), feeds), gonnx.run(result, feeds)) <= 1e-5
+
+
+def test_huge_declared_input_is_not_allocated_for_the_check(tmp_path, capsys):
+    model = conv_bn_chain()
+    for value in (model.graph.input[0], model.graph.output[0]):
+        for dim, size in zip(value.type.tensor_type.shape.dim, [1, 4, 100_000, 100_000], strict=True):
+            dim.dim_value = size
+    src = write(tmp_path, model)
+    refuse(tmp_path, capsys, optimize(src, tmp_path / "out.onnx", "--check"), "too large for a random check input")
 
 
 def test_unknown_rank_cannot_be_checked(tmp_path, capsys):

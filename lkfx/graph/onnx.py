@@ -22,7 +22,10 @@ from lkfx.errors import LkfxError
 
 MIN_OPSET = 7
 SYMBOLIC_SIZE = 16  # random_inputs: the size of a symbolic dimension that is neither batch nor conv channels
+MAX_RANDOM_VALUES = 2**28  # random_inputs: values per input at most (1 GiB of float32)
 _TWO_GB = 2**31 - 1
+_PACKED_TYPES = {getattr(onnx.TensorProto, n) for n in ("STRING", "UNDEFINED", "INT4", "UINT4", "FLOAT4E2M1", "INT2",
+                                                        "UINT2") if hasattr(onnx.TensorProto, n)}
 
 
 def load(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
@@ -104,12 +107,24 @@ def validate(model: onnx.ModelProto) -> None:
     if default and not MIN_OPSET <= default[0] <= newest:
         raise LkfxError(f"model uses ONNX opset {default[0]}; lkfx supports opsets {MIN_OPSET}..{newest} "
                         "(convert it with onnx.version_converter)")
+    _check_tensor_sizes(model.graph)
     if model.ByteSize() > _TWO_GB:
         return  # onnx.checker cannot hold it in memory; onnxruntime will still validate it when run
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
         raise LkfxError(f"the input model fails onnx.checker: {one_line(e)}") from e
+
+
+def _check_tensor_sizes(graph: onnx.GraphProto) -> None:
+    """Initializers whose raw data is longer than their shape (onnx.checker catches only data that is too short)."""
+    for t in graph.initializer:
+        if not t.HasField("raw_data") or t.data_type in _PACKED_TYPES:
+            continue
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        if len(t.raw_data) != math.prod(t.dims) * itemsize:
+            raise LkfxError(f"initializer '{t.name}' has shape {list(t.dims)} ({math.prod(t.dims)} values) but "
+                            f"{len(t.raw_data)} bytes of {itemsize}-byte values; the file is corrupt")
 
 
 def _check_structure(graph: onnx.GraphProto) -> None:
@@ -266,6 +281,9 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray
         shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else
                  1 if axis == 0 else _conv_channels(model, inp.name, inits) if axis == 1 else SYMBOLIC_SIZE
                  for axis, d in enumerate(tt.shape.dim)]
+        if math.prod(shape) > MAX_RANDOM_VALUES:
+            raise LkfxError(f"graph input '{inp.name}' has shape {shape}: too large for a random check input "
+                            f"(more than {MAX_RANDOM_VALUES:,} values); check with smaller inputs")
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
         if np.issubdtype(dtype, np.floating):
             feeds[inp.name] = rng.standard_normal(shape).astype(dtype)

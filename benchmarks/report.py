@@ -180,6 +180,41 @@ def kernel_warehouse(data: dict) -> Section:
                     f"{meta['repeats']}."])
 
 
+def quant(data: dict) -> Section:
+    anchor = "quantize_static MinMax"
+    lines = []
+    for model, entries in (("digits CNN", data["digits"]), (f"ResNet-18, {data['resnet_size']}px", data["resnet18"])):
+        acc = "accuracy" in entries["fp32"]
+        rows = [[name, *([f"{e['accuracy']:.2f} %"] if acc else []), f"{e['latency_ms']:.2f} ms",
+                 f"{e['size_bytes'] / 1024:.0f} KiB", f"{e['quantize_seconds']:.2f} s",
+                 f"{e['latency_ms'] / entries[anchor]['latency_ms']:.2f}x"] for name, e in entries.items()]
+        lines += [f"**{model}**", "", *_md_table(["model", *(["accuracy"] if acc else []), "latency", "size",
+                                                  "quantize time", f"latency / {anchor}"], rows), ""]
+    lines += [f"- {'met' if g['met'] else 'NOT met'}: {text} ({_cell(g['value'])})"
+              for text, g in data["goals"].items()]
+    digits = data["digits"]
+
+    def draw(left, right) -> None:
+        names = list(digits)
+        left.bar(range(len(names)), [digits[n]["accuracy"] for n in names],
+                 color=["C0" if n.startswith("lkfx") else "C1" if n.startswith("quantize") else "gray" for n in names])
+        left.set(xticks=range(len(names)), ylabel="digits test accuracy, %",
+                 ylim=(min(digits[n]["accuracy"] for n in names) - 2, 100))
+        left.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+        lk = [n for n in names if n.startswith("lkfx")]
+        for offset, (model, entries) in zip((-0.2, 0.2), (("digits", digits), ("resnet18", data["resnet18"])),
+                                            strict=True):
+            pts = [i for i, n in enumerate(lk) if n in entries]
+            right.bar([i + offset for i in pts], [entries[lk[i]]["latency_ms"] / entries[anchor]["latency_ms"]
+                                                  for i in pts], 0.4, label=model)
+        right.set(xticks=range(len(lk)), ylabel=f"latency / {anchor} latency")
+        right.set_xticklabels(lk, rotation=60, ha="right", fontsize=7)
+
+    quick = " This is a `--quick` run." if data.get("quick") else ""
+    return Section("Post-training int8 on ONNX (`benchmarks/quant.py`)", f"onnxruntime {anchor}", lines, draw,
+                   [f"Calibration: {data['calibration']}; {data['threads']} thread(s), {data['runs']} rounds.{quick}"])
+
+
 def generic(name: str, data: dict) -> Section:
     """A benchmark this file has no renderer for: its ``rows`` (flat dicts) as a table, no figure."""
     rows = data.get("rows") if isinstance(data, dict) else None
@@ -196,7 +231,8 @@ def _cell(value: Any) -> str:
 
 
 RENDERERS: dict[str, Callable[[dict], Section]] = {
-    "fold_bn_onnx": fold_bn_onnx, "fft_conv": fft_conv, "reparam": reparam, "kernel_warehouse": kernel_warehouse}
+    "fold_bn_onnx": fold_bn_onnx, "fft_conv": fft_conv, "reparam": reparam, "kernel_warehouse": kernel_warehouse,
+    "quant": quant}
 
 
 # --- running -----------------------------------------------------------------------------------------------
@@ -285,7 +321,8 @@ def figure(name: str, section: Section, folder: Path) -> Path:
     right.axhline(1, color="gray", lw=0.8)
     for ax in (left, right):
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.suptitle(section.title.split(" (")[0])
     fig.tight_layout()
     path = folder / f"report_{name}.png"
@@ -320,7 +357,11 @@ def render(names: list[str], runs: dict[str, Run], quick: bool, out: Path, resul
         if not result.exists():
             continue
         data = json.loads(result.read_text())
-        section = RENDERERS[name](data) if name in RENDERERS else generic(name, data)
+        try:
+            section = RENDERERS[name](data) if name in RENDERERS else generic(name, data)
+        except (KeyError, TypeError, ValueError) as e:  # the benchmark's JSON changed shape
+            section = generic(name, data)
+            section.notes.append(f"Its renderer in benchmarks/report.py failed ({type(e).__name__}: {e}): update it.")
         machine_of_run = data.get("machine") or data.get("meta", {}).get("machine", "not recorded")
         lines += ["", f"## {section.title}", "", f"Anchor: {section.anchor}. Measured {measured_on(result)} on: "
                   f"{machine_of_run}.", *section.notes, "", *section.lines]

@@ -9,6 +9,7 @@ A network is a straight-line program over tensors ``t0 = x, t1, t2, ...`` (each 
           with another stride, dilation or padding (FX: F.conv2d on the module's parameters, as is a conv drawn
           `functional`)
     bn    src, affine; `train` keeps one BatchNorm in training mode (FX only; a pass must leave it alone)
+    deconv  src, ConvTranspose2d: out channels, kernel, stride, padding, output padding, groups, dilation, bias
     scale src * per-channel constant          add / sub  a, b (same shape)          relu src
 
 In ONNX, some convs write their padding as ``auto_pad`` (VALID, SAME_UPPER, SAME_LOWER) where that is the same.
@@ -167,6 +168,20 @@ def draw_net(d: Draw, max_ops: int = 8, allow_train_bn: bool = True) -> Net:
         train = allow_train_bn and d.bool(0.05)
         return add(Op("bn", (src,), n_bn - 1, (d.bool(0.8), train)), net.shapes[src])
 
+    def deconv(src: int) -> int | None:
+        cin, h, w = net.shapes[src]
+        groups = d.choice([g for g in range(1, cin + 1) if cin % g == 0])
+        cout = groups * d.int(1, max(1, 6 // groups))
+        k, dilation = d.choice((1, 2, 3, 4)), d.choice((1, 1, 2))
+        stride = d.choice((1, 2)) if max(h, w) <= 12 else 1
+        pad = d.int(0, dilation * (k - 1) // 2)
+        out_pad = d.int(0, stride - 1)  # onnxruntime: output_padding < stride
+        sizes = [(n - 1) * stride - 2 * pad + dilation * (k - 1) + out_pad + 1 for n in (h, w)]
+        if min(sizes) < 1:
+            return None
+        return add(Op("deconv", (src,), attrs=(cout, k, stride, pad, out_pad, groups, dilation, d.bool(0.5))),
+                   (cout, *sizes))
+
     def block(src: int) -> int | None:
         """Parallel branches on one tensor, summed: RepVGG / RepLKNet / MobileOne train form."""
         cin, h, w = net.shapes[src]
@@ -198,9 +213,11 @@ def draw_net(d: Draw, max_ops: int = 8, allow_train_bn: bool = True) -> Net:
     for _ in range(d.int(1, max_ops)):
         srcs = list(range(len(net.shapes)))
         src = d.choice(srcs[-3:]) if d.bool(0.7) else d.choice(srcs)  # older tensors: multi-consumer
-        kind = d.choice(("conv", "conv", "conv", "bn", "bn", "block", "add", "scale", "relu"))
+        kind = d.choice(("conv", "conv", "conv", "bn", "bn", "block", "add", "scale", "relu", "deconv"))
         if kind == "conv":
             conv(src, depthwise=d.bool(0.3))
+        elif kind == "deconv":
+            deconv(src)
         elif kind == "bn":
             bn(src)
         elif kind == "block":
@@ -233,6 +250,11 @@ def weights(net: Net) -> dict[str, np.ndarray]:
             out[f"conv{op.module}.weight"] = rng.standard_normal((cout, cin // groups, *kernel)) / math.sqrt(fan_in)
             if bias:
                 out[f"conv{op.module}.bias"] = rng.uniform(-0.5, 0.5, cout)
+        elif op.kind == "deconv":
+            cout, k, _, _, _, groups, _, bias = op.attrs
+            out[f"deconv{t}.weight"] = rng.standard_normal((cin, cout // groups, k, k)) / math.sqrt(cin * k * k)
+            if bias:
+                out[f"deconv{t}.bias"] = rng.uniform(-0.5, 0.5, cout)
         elif op.kind == "bn":
             affine = op.attrs[0]
             out[f"bn{op.module}.weight"] = rng.uniform(0.25, 1.75, cin) if affine else np.ones(cin)
@@ -259,7 +281,7 @@ def to_module(net: Net, train_bn: bool = True) -> Any:
         def __init__(self):
             super().__init__()
             w = weights(net)
-            convs, bns = {}, {}
+            convs, bns, deconvs = {}, {}, {}
             for t, op in enumerate(net.ops, 1):
                 if op.kind == "conv" and op.module not in convs:
                     cout, kernel, stride, dilation, groups, pads, mode, bias = op.attrs
@@ -280,6 +302,15 @@ def to_module(net: Net, train_bn: bool = True) -> Any:
                     bns[op.module] = b
                 elif op.kind == "scale":
                     self.register_buffer(f"scale{t}", torch.from_numpy(w[f"scale{t}"]))
+                elif op.kind == "deconv":
+                    cout, k, stride, pad, out_pad, groups, dilation, bias = op.attrs
+                    m = nn.ConvTranspose2d(net.shapes[op.srcs[0]][0], cout, k, stride, pad, out_pad, groups, bias,
+                                           dilation)
+                    m.weight.data = torch.from_numpy(w[f"deconv{t}.weight"])
+                    if bias:
+                        m.bias.data = torch.from_numpy(w[f"deconv{t}.bias"])
+                    deconvs[str(t)] = m
+            self.deconvs = nn.ModuleDict(deconvs)
             self.convs = nn.ModuleDict({str(i): m for i, m in convs.items()})
             self.bns = nn.ModuleDict({str(i): m for i, m in bns.items()})
             self.ops = list(net.ops)
@@ -307,6 +338,8 @@ def to_module(net: Net, train_bn: bool = True) -> Any:
                     ts.append(self.bns[str(op.module)](a))
                 elif op.kind == "scale":
                     ts.append(a * getattr(self, f"scale{t}"))
+                elif op.kind == "deconv":
+                    ts.append(self.deconvs[str(t)](a))
                 elif op.kind == "relu":
                     ts.append(torch.relu(a))
                 elif op.kind == "add":
@@ -355,6 +388,12 @@ def to_onnx(net: Net) -> Any:
                                           "var")], [y], name=f"bn_t{t}"))
         elif op.kind == "scale":
             nodes.append(helper.make_node("Mul", [a, f"scale{t}"], [y], name=f"mul_t{t}"))
+        elif op.kind == "deconv":
+            _, k, stride, pad, out_pad, groups, dilation, bias = op.attrs
+            ins = [a, f"deconv{t}.weight"] + ([f"deconv{t}.bias"] if bias else [])
+            nodes.append(helper.make_node("ConvTranspose", ins, [y], name=f"deconv_t{t}", kernel_shape=[k, k],
+                                          strides=[stride] * 2, pads=[pad] * 4, output_padding=[out_pad] * 2,
+                                          group=groups, dilations=[dilation] * 2))
         elif op.kind == "relu":
             nodes.append(helper.make_node("Relu", [a], [y], name=f"relu_t{t}"))
         else:

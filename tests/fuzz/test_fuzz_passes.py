@@ -57,8 +57,10 @@ def test_generator_covers_the_structures_it_promises():
                 src = producer.get(op.srcs[0])
                 if src is not None and src.kind == "bn":
                     seen["bn before conv" + (" with padding" if any(pads) and mode == "zeros" else "")] += 1
-            if op.kind == "bn" and op.srcs[0] in producer and producer[op.srcs[0]].kind == "conv":
-                seen["bn after conv"] += 1
+            if op.kind == "bn" and op.srcs[0] in producer and producer[op.srcs[0]].kind in ("conv", "deconv"):
+                seen[f"bn after {producer[op.srcs[0]].kind}"] += 1
+            if op.kind == "deconv" and op.attrs[5] > 1:
+                seen["grouped deconv"] += 1
             if op.kind == "bn" and op.attrs[1]:
                 seen["bn in training mode"] += 1
             if op.kind in ("add", "sub") and all(s in producer and producer[s].kind in ("conv", "bn")
@@ -76,6 +78,7 @@ def test_generator_covers_the_structures_it_promises():
     expected = ["kernel 1", "kernel 3", "kernel 13", "stride 2", "stride 3", "dilation 2", "dilation 3", "grouped",
                 "depthwise", "asymmetric kernel", "no padding", "pad mode reflect", "pad mode replicate",
                 "pad mode circular", "bn before conv", "bn before conv with padding", "bn after conv",
+                "bn after deconv", "grouped deconv",
                 "bn in training mode", "branches summed", "shared weights", "shared weights, other attributes",
                 "functional conv", "multi-consumer tensor", "extra output",
                 "opset 13", "opset 17", "opset 20"]

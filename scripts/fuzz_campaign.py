@@ -50,14 +50,14 @@ def _check_network(seed: int, args: argparse.Namespace, checks: list, stats: dic
             outcome = check(net, chain)
         except Exception as e:  # a property violation or a crash: the finding this campaign looks for
             text = f"{type(e).__name__}: {e}"
+            s["networks"] += 1
             s["failures"].append({"seed": seed, "error": text[:2000], "network": str(net)})
             if args.verbose:
                 traceback.print_exc()
             else:
                 tqdm.write(f"FAIL seed {seed} {fe}:{name}: {text.splitlines()[0][:200]}")
             continue
-        finally:
-            s["networks"] += 1
+        s["networks"] += 1
         s["rewritten"].update(outcome.rewritten)
         s["skipped"].update(outcome.skipped)
         s["refused"].update(_reason_key(r) for r in outcome.refused)

@@ -447,7 +447,7 @@ def _pickle_loads(tree: ast.AST) -> list[str]:
             found.append(where)
         elif func.endswith("read_pickle"):
             found.append(where)
-        elif func in ("torch.load", "load") and "torch" in func or func == "torch.load":
+        elif func in ("torch.load", "torch.serialization.load"):
             weights_only = _keyword(node, "weights_only")
             if not (isinstance(weights_only, ast.Constant) and weights_only.value is True):
                 found.append(where)

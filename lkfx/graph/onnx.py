@@ -130,36 +130,43 @@ def _check_tensor_sizes(graph: onnx.GraphProto) -> None:
 def _check_structure(graph: onnx.GraphProto) -> None:
     """Name what onnx.checker reports only as 'not topologically sorted': a node input nothing produces, a graph
     output nothing produces, a cycle. Acyclic graphs whose nodes are merely out of order are sorted."""
-    import networkx as nx
-
-    def name(i: int) -> str:
-        node = graph.node[i]
-        return f"'{node.name}'" if node.name else f"{node.op_type} #{i}"
-
     producer = {o: i for i, node in enumerate(graph.node) for o in node.output if o}
     given = {t.name for t in graph.initializer} | {v.name for v in graph.input} | {""}
-    deps = nx.DiGraph()
-    deps.add_nodes_from(range(len(graph.node)))
+    in_order = True
     for i, node in enumerate(graph.node):
         for tensor in node.input:
-            if tensor in producer:
-                deps.add_edge(producer[tensor], i)
-            elif tensor not in given:
-                raise LkfxError(f"node {name(i)} reads '{tensor}', which no node, initializer or graph input "
-                                "produces (a dangling input); fix the exporter or the graph edit that wrote this file")
+            if tensor in given:
+                continue
+            if tensor not in producer:
+                raise LkfxError(f"node {_node_name(graph, i)} reads '{tensor}', which no node, initializer or graph "
+                                "input produces (a dangling input); fix the exporter or the graph edit that wrote it")
+            in_order = in_order and producer[tensor] < i
     for out in graph.output:
         if out.name not in producer and out.name not in given:
             raise LkfxError(f"graph output '{out.name}' is produced by no node, initializer or graph input")
+    if not in_order:
+        _sort_nodes(graph, producer, given)
+
+
+def _node_name(graph: onnx.GraphProto, i: int) -> str:
+    node = graph.node[i]
+    return f"'{node.name}'" if node.name else f"{node.op_type} #{i}"
+
+
+def _sort_nodes(graph: onnx.GraphProto, producer: dict[str, int], given: set[str]) -> None:
+    import networkx as nx
+
+    deps = nx.DiGraph()
+    deps.add_nodes_from(range(len(graph.node)))
+    deps.add_edges_from((producer[t], i) for i, node in enumerate(graph.node) for t in node.input if t not in given)
     try:
         cycle = nx.find_cycle(deps)
     except nx.NetworkXNoCycle:
-        order = list(nx.lexicographical_topological_sort(deps))
-        if order != sorted(order):
-            nodes = [graph.node[i] for i in order]
-            del graph.node[:]
-            graph.node.extend(nodes)
+        nodes = [graph.node[i] for i in nx.lexicographical_topological_sort(deps)]
+        del graph.node[:]
+        graph.node.extend(nodes)
         return
-    path = " -> ".join(name(a) for a, _ in cycle) + f" -> {name(cycle[0][0])}"
+    path = " -> ".join(_node_name(graph, a) for a, _ in cycle) + f" -> {_node_name(graph, cycle[0][0])}"
     raise LkfxError(f"the graph has a cycle ({path}); ONNX graphs must be acyclic")
 
 

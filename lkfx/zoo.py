@@ -195,12 +195,7 @@ class Subject:
 
     @cached_property
     def onnx_path(self) -> Path:
-        path = self.folder / f"{self.spec.name}.onnx"
-        try:
-            export_onnx(self.model, self.x, path, ONNX_OPSET)
-        except Exception as e:  # the exporter raises many kinds of errors; not lkfx's
-            raise Skip(f"torch.onnx.export failed: {_one_line(e)}") from e
-        return path
+        return _export(self.model, self.x, self.folder / f"{self.spec.name}.onnx", ONNX_OPSET)
 
 
 @dataclass(frozen=True)
@@ -211,6 +206,14 @@ class Case:
     passes: tuple[str, ...]  # every one must be registered, else the cell is "skip: pass not available"
     run: Callable[[Subject], str]
     what: str
+
+
+def _export(model: nn.Module, x: torch.Tensor, path: Path, opset: int) -> Path:
+    try:
+        export_onnx(model, x, path, opset)
+    except Exception as e:  # the exporter raises many kinds of errors; not lkfx's
+        raise Skip(f"torch.onnx.export failed: {_one_line(e)}") from e
+    return path
 
 
 def _outputs(model: nn.Module, x: torch.Tensor) -> list:
@@ -328,8 +331,7 @@ def fx_fake_quant(s: Subject) -> str:
     q, report = _transform(s, s.model, ["fake_quant"])
     lkfx.calibrate(q, [s.x], method="minmax")
     _outputs(q, s.x)
-    path = s.folder / f"{s.spec.name}.qdq.onnx"
-    export_onnx(q.eval(), s.x, path)
+    path = _export(q.eval(), s.x, s.folder / f"{s.spec.name}.qdq.onnx", 17)
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     pairs = min(ops.count("QuantizeLinear"), ops.count("DequantizeLinear"))
     if not pairs:

@@ -2,7 +2,7 @@
 the original's outputs within the pass's tolerance, or the pass refuses with a reason (tests/fuzz/props.py).
 
 CI runs few examples, derandomized (the same networks every run); scripts/fuzz_campaign.py runs thousands.
-A failure shrinks to a minimal network: hypothesis prints the draws, `print(net)` shows it as a program.
+A failure shrinks to a minimal network, which hypothesis prints as a program (`note(str(net))`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 from .netgen import HypothesisDraw, RandomDraw, draw_net
@@ -27,6 +27,7 @@ CI = settings(max_examples=10, deadline=None, derandomize=True, database=None,
 @given(data=st.data())
 def test_fx_pass_exact_or_refused(name, data):
     net = draw_net(HypothesisDraw(data))
+    note(str(net))
     check_fx(net, FX_CHAINS[name])
 
 
@@ -35,6 +36,7 @@ def test_fx_pass_exact_or_refused(name, data):
 @given(data=st.data())
 def test_onnx_pass_exact_or_refused(name, data):
     net = draw_net(HypothesisDraw(data))
+    note(str(net))
     check_onnx(net, ONNX_CHAINS[name])
 
 

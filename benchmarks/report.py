@@ -303,7 +303,7 @@ def measured_on(path: Path) -> str:
         log = subprocess.run(["git", "log", "-1", "--format=%cI", "--", rel], cwd=ROOT, capture_output=True,
                              text=True)
         if log.returncode == 0 and log.stdout.strip():
-            return log.stdout.strip()[:10] + " (commit date)"
+            return log.stdout.strip()[:16].replace("T", " ") + " (commit date)"
     stamp = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc)
     return stamp.strftime("%Y-%m-%d %H:%M UTC") + " (file time)"
 
@@ -339,11 +339,13 @@ def render(names: list[str], runs: dict[str, Run], quick: bool, out: Path, resul
              "(which may be another run than this report's: see the date). Each figure: measurements on the left, "
              "lkfx's ratio against the anchor on the right.", "", "## Runs", ""]
     if runs:
-        mode = "`--quick` smoke runs (they write no results: the tables below are from the last full runs)" \
+        mode = "`--quick` smoke runs (they write no results: the tables below are from the results JSON as the " \
+               "last runs that wrote them left it)" \
             if quick else "full runs"
         lines += [f"This command: {mode}.", ""]
     else:
-        lines += ["This command ran no benchmark (`--no-run`): the tables below are from the last full runs.", ""]
+        lines += ["This command ran no benchmark (`--no-run`): the tables below are from the results JSON as the last "
+                  "runs that wrote them left it.", ""]
     rows = []
     for name in names:
         run = runs.get(name, Run(name, "not run"))

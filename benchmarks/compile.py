@@ -9,7 +9,8 @@ Networks (random weights and BN statistics, eval mode, ``torch.no_grad()``):
 `--quick` shrinks both (RepLKNet channels 16/32/64/128, blocks 1/1/2/1; both at 64x64) as a smoke test.
 
 Each backend is compiled with ``dynamic=False`` for each batch size (Dynamo reset before each) and timed as the
-median of R calls after the compiling call and one warm-up; the first call (compile included) is reported too.
+fastest of R calls after the compiling call and one warm-up (the fastest, not the median: on a loaded machine
+other processes only ever add time); the first call (compile included) is reported too.
 ``inductor + freezing`` is inductor with ``options={"freezing": True}``: lkfx compiles its inference graphs with
 freezing on (its parameters are constants once BN is folded), so that column separates what freezing gives from what
 lkfx's passes give. ``lkfx`` runs its default passes (CPU: ``fold_bn``; CUDA: also ``lower_dwconv`` and ``fft_conv``
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -96,7 +96,7 @@ def randomize(model: nn.Module) -> nn.Module:
 
 
 def timed(fn, repeats: int, sync) -> tuple[float, float, torch.Tensor]:
-    """(seconds of the first call, median seconds of `repeats` calls after one warm-up, the output)."""
+    """(seconds of the first call, fastest of `repeats` calls after one warm-up, the output)."""
     start = time.perf_counter()
     out = fn()
     sync()
@@ -108,7 +108,7 @@ def timed(fn, repeats: int, sync) -> tuple[float, float, torch.Tensor]:
         fn()
         sync()
         times.append(time.perf_counter() - start)
-    return first, statistics.median(times), out
+    return first, min(times), out
 
 
 def main() -> None:
@@ -117,9 +117,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default 10, quick 3)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default: results/compile.json on a full run)")
     args = ap.parse_args()
     cfg = QUICK if args.quick else FULL
+    if args.threads:
+        torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 10)
     out_path = args.out or (None if args.quick else RESULTS / "compile.json")
     dev = torch.device(args.device)
@@ -148,9 +151,9 @@ def main() -> None:
             for name, fn in compiled.items():
                 torch._dynamo.reset()  # each backend compiles this batch size afresh; the first call is timed
                 with torch.no_grad():
-                    first, median, y = timed(lambda fn=fn, x=x: fn(x), repeats, sync)
+                    first, fastest, y = timed(lambda fn=fn, x=x: fn(x), repeats, sync)
                 steps.update()
-                row[f"{name} ms"] = median * 1e3
+                row[f"{name} ms"] = fastest * 1e3
                 if name != "eager":
                     row[f"{name} first call s"] = first
                 if ref is None:

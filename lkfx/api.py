@@ -199,6 +199,13 @@ def _transform_onnx(source, passes, example_inputs, inplace, check, calib_data):
     model = gonnx.load(source)
     report = Report("onnx", before=gonnx.stats(model))
     graph = gonnx.to_graph(model)
+    feeds = example_inputs
+    if check and feeds is None and calib_data is not None and any(p.uses_calib_data for p in passes):
+        from lkfx.quant.data import input_spec, load_calib_data
+
+        # approximate passes are checked on their first calibration batch: random inputs leave calibrated ranges
+        calib_data = load_calib_data(calib_data, input_spec(graph))
+        feeds = calib_data[0]
     for p in passes:
         ctx = PassContext(_pass_report(report, p), example_inputs, calib_data)
         _run(p, p.run_onnx, graph, ctx, "the ONNX graph")
@@ -211,7 +218,7 @@ def _transform_onnx(source, passes, example_inputs, inplace, check, calib_data):
             raise PassError(f"passes {[p.name for p in passes]} produced an invalid model (a bug in lkfx): {e}") from e
     report.after = gonnx.stats(out)
     if check:
-        feeds = example_inputs if example_inputs is not None else gonnx.random_inputs(model)
+        feeds = feeds if feeds is not None else gonnx.random_inputs(model)
         err = _compare_onnx(model, out, feeds)
         tol = _tolerance(passes) * gonnx.precision_ratio(model)
         report.check = {"max_rel_error": err, "tolerance": tol, "passed": err <= tol}

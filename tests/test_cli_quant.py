@@ -52,6 +52,19 @@ def test_npz_calibration_writes_a_qdq_model_close_to_float(digits, tmp_path, cap
     assert passes[0]["name"] == "fake_quant" and passes[0]["rewritten"] == 5
 
 
+def test_check_runs_on_the_first_calibration_batch(digits, tmp_path, capsys):
+    """--check compares on calibration data (random inputs fall outside the calibrated ranges) against the pass's
+    documented bound (0.25 at 8 bits), and reports the error."""
+    folder, _ = digits
+    out, rep = tmp_path / "int8.onnx", tmp_path / "report.json"
+    argv = ["optimize", str(folder / "digits.onnx"), "-o", str(out), "-p", "fake_quant", "--calib-data",
+            str(folder / "batches"), "--check", "--report", str(rep)]
+    assert main(argv) == 0
+    check = json.loads(rep.read_text())["check"]
+    assert check["passed"] and check["tolerance"] == 0.25 and check["max_rel_error"] < 0.1
+    assert out.exists()
+
+
 def test_folder_of_npy_batches_and_options(digits, tmp_path, capsys):
     folder, _ = digits
     out = tmp_path / "int8.onnx"

@@ -51,6 +51,18 @@ def load_calib_data(source: Any, inputs: InputSpec, *, num_batches: int = 0) -> 
     return batches
 
 
+def input_spec(graph: Any) -> dict[str, tuple[tuple[int | None, ...], np.dtype]]:
+    """An onnx-graphsurgeon graph's inputs as ``{name: (shape, dtype)}``, ``None`` for symbolic or unknown dims."""
+    spec = {}
+    for inp in graph.inputs:
+        if inp.shape is None or inp.dtype is None:
+            raise LkfxError(f"model input '{inp.name}' has no declared shape or type; cannot check calibration data "
+                            "against it (set its shape in the model)")
+        shape = tuple(d if isinstance(d, int) and d > 0 else None for d in inp.shape)
+        spec[inp.name] = (shape, np.dtype(inp.dtype))
+    return spec
+
+
 def _describe(source: Any) -> str:
     return f"'{source}'" if isinstance(source, (str, Path)) else f"({type(source).__name__})"
 

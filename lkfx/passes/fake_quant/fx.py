@@ -10,7 +10,9 @@ same parameters (its padding mode kept), so the state dict keeps its names. Acti
 tensor (per-tensor, ``act_bits``, asymmetric unless ``act_symmetric``), placed by ``placement``:
 
 - ``tensorrt`` (TensorRT / ModelOpt QDQ rules): the data inputs of conv, conv-transpose, linear and matmul, and
-  both inputs of a residual add; other consumers of the tensor keep reading the float value.
+  the skip input of a residual add: not the one straight from such a layer (TensorRT fuses it with the add), with
+  layers on both sides the shorter branch, nothing when the add is no residual; the rule is `lkfx.quant.placement`,
+  shared with ONNX. Other consumers of a quantized tensor keep reading the float value.
 - ``ort`` (onnxruntime's QDQ format): those inputs plus the outputs of these ops (after a ReLU that is their only
   reader, which onnxruntime then drops), so each becomes one int8 kernel.
 
@@ -35,6 +37,7 @@ from lkfx.modules.fake_quant import ConvBnFakeQuant, FakeQuant, WeightFakeQuant
 from lkfx.passes import PassContext
 from lkfx.patterns.fx import FxView, is_metadata_read
 from lkfx.quant.observers import OPTIONS, make_observer
+from lkfx.quant.placement import residual_skip
 
 aten = torch.ops.aten
 PLACEMENTS = ("tensorrt", "ort")
@@ -170,17 +173,28 @@ def _quantize_weights(gm: fx.GraphModule, view: FxView, bits: int, ctx: PassCont
 
 def _placement(gm: fx.GraphModule, view: FxView, placement: str) -> tuple[list[tuple[fx.Node, fx.Node]], list[fx.Node]]:
     """(source, consumer) pairs whose consumer must read the quantized source, and sources quantized for all."""
+
+    def layer_inputs(node: fx.Node) -> list | None:
+        fused = node.op == "call_module" and isinstance(gm.get_submodule(node.target), ConvBnFakeQuant)
+        if fused or view.kind(node) in ("conv", "conv_transpose", "linear"):
+            return [node.args[0]]
+        if _is(node, _MATMUL, ("matmul", "mm", "bmm")):
+            return list(node.args[:2])
+        return None
+
+    def parents(node: fx.Node) -> list[fx.Node]:
+        return [a for a in node.all_input_nodes if _is_activation(a)]
+
     inputs: list[tuple[fx.Node, fx.Node]] = []
     outputs: list[fx.Node] = []
     for node in gm.graph.nodes:
-        fused = node.op == "call_module" and isinstance(gm.get_submodule(node.target), ConvBnFakeQuant)
-        if fused or view.kind(node) in ("conv", "conv_transpose", "linear"):
-            srcs = [node.args[0]]
-        elif _is(node, _MATMUL, ("matmul", "mm", "bmm")):
+        srcs = layer_inputs(node)
+        if srcs is None and _is(node, _ADD, ("add", "add_")) and sum(_is_activation(a) for a in node.args[:2]) == 2:
             srcs = list(node.args[:2])
-        elif _is(node, _ADD, ("add", "add_")) and sum(_is_activation(a) for a in node.args[:2]) == 2:
-            srcs = list(node.args[:2])
-        else:
+            if placement == "tensorrt":
+                skip = residual_skip(srcs, lambda v: layer_inputs(v) is not None, parents)
+                srcs = [] if skip is None else [srcs[skip]]
+        if srcs is None:
             continue
         inputs += [(s, node) for s in srcs if _is_activation(s)]
         if placement == "ort":

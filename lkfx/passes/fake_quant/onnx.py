@@ -18,8 +18,9 @@ Steps, in this order (the calibration data is checked first, before any work):
 3. Activation tensors are chosen by ``placement``:
    - ``"tensorrt"`` (NVIDIA ModelOpt's rules for conv nets): the data input of each quantized layer, and the
      shortcut input of a residual ``Add`` (not the one coming straight from a conv: TensorRT fuses that conv with
-     the add; with convs on both sides, the shorter branch), see `_residual_skip`; everything else stays float and
-     TensorRT picks its own int8 regions.
+     the add; with convs on both sides, the shorter branch; a graph input as shortcut is quantized too), the rule
+     shared with torch.fx in `lkfx.quant.placement`; everything else stays float and TensorRT picks its own int8
+     regions.
    - ``"ort"`` (onnxruntime's QDQ layout): the inputs and outputs of Conv, Gemm, MatMul, Add, Mul, Concat and the
      pools, an output read only by a Relu / Clip taken after that activation (onnxruntime folds the Relu into the Q
      when the zero point is the grid minimum), and biases as int32, ``q_b = round(b / (s_x s_w))``, so every layer
@@ -45,6 +46,7 @@ import onnx_graphsurgeon as gs
 from lkfx.errors import LkfxError
 from lkfx.passes.base import PassContext
 from lkfx.patterns.onnx import OnnxView
+from lkfx.quant.placement import residual_skip
 from lkfx.report import PassReport
 
 LAYERS = ("Conv", "Gemm", "MatMul")
@@ -196,55 +198,22 @@ def _tensorrt_points(view: OnnxView, layers: list, layer_nodes: set[int], floats
     def add(t, reader):
         points.setdefault(t.name, (t, []))[1].append(reader)
 
+    def from_layer(t: Any) -> bool:
+        return bool(t.inputs) and id(t.inputs[0]) in layer_nodes
+
+    def parents(t: Any) -> list:
+        return [i for i in t.inputs[0].inputs if _activation(view, i, floats)] if t.inputs else []
+
     for node, *_ in layers:
         add(node.inputs[0], node)
     for node in view.candidates(frozenset({"Add"})):
         ins = node.inputs
         if len(ins) != 2 or not all(_activation(view, t, floats) for t in ins):
             continue
-        skip = _residual_skip(ins, layer_nodes)
+        skip = residual_skip(ins, from_layer, parents)
         if skip is not None:
-            add(skip, node)
+            add(ins[skip], node)
     return points
-
-
-def _residual_skip(ins: list, layer_nodes: set[int]) -> Any:
-    """The skip input of a residual Add (ModelOpt's rule), or None when the Add is not one. One input must come
-    straight from a quantized layer (TensorRT fuses that layer with the Add); the other is the skip, unless it is
-    computed from that very layer's output (then it is not a residual add). When both come from layers,
-    the skip is the one with the shorter path back to where the branches split (ResNet's downsample conv)."""
-    producers = [t.inputs[0] if t.inputs else None for t in ins]
-    from_layer = [p is not None and id(p) in layer_nodes for p in producers]
-    if not any(from_layer) or any(p is None for p in producers):
-        return None
-    split, depths = _split_point(producers)
-    if all(from_layer):
-        return None if depths[0] == depths[1] else ins[0] if depths[0] < depths[1] else ins[1]
-    layer = producers[0] if from_layer[0] else producers[1]
-    return None if split is layer else ins[1] if from_layer[0] else ins[0]
-
-
-def _split_point(producers: list) -> tuple[Any, tuple[int, int]]:
-    """The nearest common ancestor node of two nodes (None if there is none) and each one's distance to it, by
-    breadth-first search backwards from both at once: the cost is the size of the block, not of the graph."""
-    seen: list[dict[int, tuple[Any, int]]] = [{id(p): (p, 0)} for p in producers]
-    frontiers = [[p] for p in producers]
-    while any(frontiers):
-        for side in (0, 1):
-            common = [k for k in seen[side] if k in seen[1 - side]]
-            if common:
-                k = min(common, key=lambda c: seen[0][c][1] + seen[1][c][1])
-                return seen[0][k][0], (seen[0][k][1], seen[1][k][1])
-            nxt = []
-            for node in frontiers[side]:
-                depth = seen[side][id(node)][1] + 1
-                for t in node.inputs:
-                    for parent in t.inputs:
-                        if id(parent) not in seen[side]:
-                            seen[side][id(parent)] = (parent, depth)
-                            nxt.append(parent)
-            frontiers[side] = nxt
-    return None, (0, 0)
 
 
 def _ort_points(view: OnnxView, graph: gs.Graph, layer_nodes: set[int], floats: set[str]) -> dict:

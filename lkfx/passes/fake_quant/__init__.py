@@ -3,7 +3,8 @@ and quantization-aware training.
 
 Weights: symmetric per output channel (``weight_bits``). Activations: per tensor, asymmetric unless
 ``act_symmetric`` (``act_bits``), at the points ``placement`` names (``tensorrt``: inputs of conv / linear /
-matmul and of residual adds; ``ort``: those and the outputs of those ops). Ranges come from calibration
+matmul and the skip input of residual adds, by one rule for both frontends, `lkfx.quant.placement`; ``ort``:
+layer and add inputs and outputs). Ranges come from calibration
 batches with ``method`` (`lkfx.quant.observers`: minmax, ema, percentile, kl, symmetric_kl, js, mse; histogram
 searches set by ``bins``, ``search_start_scale``, ``search_end_scale``, ``search_step``; ``num_batches`` = 0 uses
 all). The math of quantization and of the QAT BatchNorm fold is in `lkfx.modules.fake_quant`.
@@ -11,6 +12,10 @@ all). The math of quantization and of the QAT BatchNorm fold is in `lkfx.modules
 torch.fx (`fx.py`): fake-quant modules in the graph; ``qat=True`` fuses conv + BN for training (torch only).
 The model exports with ``torch.onnx.export`` to QuantizeLinear / DequantizeLinear pairs.
 ONNX (`onnx.py`): QDQ nodes inserted into the float model, calibrated with onnxruntime on ``--calib-data``.
+Where the frontends still differ: ONNX quantizes only Conv / Gemm / MatMul with a constant weight (not
+ConvTranspose, nor a MatMul of two activations, whose inputs torch.fx quantizes); ``ort`` on ONNX also quantizes
+Mul, Concat and the pools (MaxPool and reshapes keep their input's grid) and stores biases as int32 (torch.fx keeps
+them float), but leaves graph outputs float (torch.fx quantizes a last layer's output too).
 
 Error bound for ``check=True`` / ``--check``: max |int8 - float| / max |float| over the outputs <= 0.25 (0.5 when
 a bit width is below 8), with the first calibration batch as the ONNX check's input (random inputs fall outside

@@ -46,7 +46,6 @@ and is 15-65x slower on small maps (14x14 / 27x27: 21 vs 1.5 ms; 7x7 / 13x13: 5.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -118,7 +117,6 @@ class FFTConv(Pass):
             propagate_shapes(gm, ctx.example_inputs)
         view = FxView(gm)
         report = ctx.report
-        calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
         for node in view.candidates(frozenset(["conv"])):
             report.matched += 1
             where = view.describe(node)
@@ -166,7 +164,7 @@ class FFTConv(Pass):
             else:
                 module = FFTConv2d(info.weight, info.bias, info.padding, info.groups)
                 module.train(info.module.training if info.module is not None else gm.training)
-                _fx_swap(gm, node, module, view, calls)
+                view.swap(node, module, "fft")
             report.note(f"{where}: {note}")
             report.rewritten += 1
         return view.finish() if report.modified else gm
@@ -196,14 +194,13 @@ class FFTConv(Pass):
     # --- ONNX ---------------------------------------------------------------------------------------
     def run_onnx(self, graph: Any, ctx: PassContext) -> None:
         from lkfx.backends.fft_cost import ONNX_RADICES, fft_plan
-        from lkfx.patterns.onnx import OnnxView
+        from lkfx.patterns.onnx import OnnxView, onnx_pads
 
         view = OnnxView(graph)
         report = ctx.report
         convs = view.candidates(frozenset(["Conv"]))
         shapes = _OnnxShapes(graph)
         in_shapes = {id(conv): shapes.of(conv.inputs[0]) for conv in convs}  # before any rewrite
-        names = _Names(graph)
         for conv in convs:
             report.matched += 1
             where = view.describe(conv)
@@ -211,7 +208,7 @@ class FFTConv(Pass):
             reason = self._onnx_refusal(graph, conv, w)
             if reason is None:
                 kernel = tuple(w.shape[2:])
-                pads = _onnx_pads(conv, kernel)
+                pads = onnx_pads(conv, kernel)
                 reason = _padding_refusal(pads, kernel)
             if reason is None:
                 in_shape = in_shapes[id(conv)]
@@ -226,7 +223,7 @@ class FFTConv(Pass):
                 report.skip(where, reason)
                 continue
             plan = fft_plan(tuple(in_shape[2:]), kernel, pads, ONNX_RADICES)
-            _onnx_fft_subgraph(graph, names, conv, w.shape, plan)
+            _onnx_fft_subgraph(graph, view, conv, w.shape, plan)
             report.note(f"{where}: {_kernel_text(kernel)} kernel on {_kernel_text(in_shape[2:])} -> DFT "
                         f"{_kernel_text(plan.size)} (mode='always')")
             report.rewritten += 1
@@ -273,44 +270,7 @@ def _fx_functional(gm: Any, node: Any, view: Any, padding: Any, groups: int) -> 
     gm.graph.erase_node(node)
 
 
-def _fx_swap(gm: Any, node: Any, module: Any, view: Any, calls: Counter) -> None:
-    """Put `module` where `node` was: in place of a conv module called once, else under a fresh name."""
-    if node.op == "call_module" and calls[node.target] == 1:
-        gm.add_submodule(node.target, module)
-        return
-    base = (node.target if node.op == "call_module" else node.name).replace(".", "_") + "_fft"
-    name, i = base, 0
-    while hasattr(gm, name):
-        i += 1
-        name = f"{base}{i}"
-    gm.add_submodule(name, module)
-    if node.op == "call_module":
-        calls[node.target] -= 1
-        node.target = name
-        return
-    with gm.graph.inserting_before(node):
-        new = gm.graph.call_module(name, (view.arg(node, "input"),))
-    new.meta.update(node.meta)  # the shapes of later convs' inputs are read from here
-    node.replace_all_uses_with(new)
-    gm.graph.erase_node(node)
-
-
 # --- ONNX helpers ---------------------------------------------------------------------------------------------
-def _onnx_pads(conv: Any, kernel: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
-    auto_pad = conv.attrs.get("auto_pad", "NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if auto_pad == "VALID":
-        return tuple((0, 0) for _ in kernel)
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        small = [(k - 1) // 2 for k in kernel]
-        if auto_pad == "SAME_UPPER":
-            return tuple((s, k - 1 - s) for s, k in zip(small, kernel, strict=True))
-        return tuple((k - 1 - s, s) for s, k in zip(small, kernel, strict=True))
-    pads = [int(p) for p in conv.attrs.get("pads", [0] * 2 * len(kernel))]
-    n = len(kernel)
-    return tuple((pads[i], pads[i + n]) for i in range(n))
-
-
 class _OnnxShapes:
     """Static shapes of tensors: their own, else from one run of ONNX shape inference (done when first needed)."""
 
@@ -339,36 +299,21 @@ class _OnnxShapes:
         return out
 
 
-class _Names:
-    """Fresh tensor / node names for the inserted subgraphs."""
-
-    def __init__(self, graph: Any):
-        self.used = set(graph.tensors()) | {n.name for n in graph.nodes}
-
-    def __call__(self, hint: str) -> str:
-        name, i = hint, 0
-        while name in self.used:
-            i += 1
-            name = f"{hint}_{i}"
-        self.used.add(name)
-        return name
-
-
-def _onnx_fft_subgraph(graph: Any, names: _Names, conv: Any, w_shape: tuple[int, ...], plan: Any) -> None:
+def _onnx_fft_subgraph(graph: Any, view: Any, conv: Any, w_shape: tuple[int, ...], plan: Any) -> None:
     """Replace `conv` by the DFT computation of `plan` (see the module docstring); writes conv's output tensor."""
     import onnx_graphsurgeon as gs
 
     prefix = conv.name or conv.outputs[0].name
 
     def const(hint: str, value) -> Any:
-        return gs.Constant(names(f"{prefix}_fft_{hint}"), np.array(value))  # keeps 0-d scalars 0-d
+        return gs.Constant(view.fresh_name(f"{prefix}_fft_{hint}"), np.array(value))  # keeps 0-d scalars 0-d
 
     def i64(hint: str, value) -> Any:
         return const(hint, np.asarray(value, dtype=np.int64))
 
     def op(kind: str, inputs: list, hint: str, out: Any = None, **attrs) -> Any:
-        out = out if out is not None else gs.Variable(names(f"{prefix}_fft_{hint}"))
-        graph.nodes.append(gs.Node(kind, names(f"{prefix}_fft_{hint}_node"), attrs, list(inputs), [out]))
+        out = out if out is not None else gs.Variable(view.fresh_name(f"{prefix}_fft_{hint}"))
+        graph.nodes.append(gs.Node(kind, view.fresh_name(f"{prefix}_fft_{hint}_node"), attrs, list(inputs), [out]))
         return out
 
     def cmul(a: Any, b: Any, hint: str, conj: bool) -> Any:

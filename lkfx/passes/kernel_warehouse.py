@@ -137,7 +137,7 @@ class KernelWarehouse(Pass):
                                 cfg["reduction"], cfg["nonlocal_basis"])
             for (node, info), kw in zip(items, kws, strict=True):
                 kw.train(info.module.training if info.module is not None else gm.training)
-                _swap(gm, view, node, kw)
+                view.swap(node, kw, "kw")
                 report.rewritten += 1
             wh, lay = kws[0].warehouse, kws[0].warehouse.layout
             attention = sum(p.numel() for k in kws for n, p in k.named_parameters()
@@ -262,18 +262,3 @@ def _cut_nodes(graph: Any) -> set:
             cut.add(n)
         far = max(far, pos[n], *(pos[u] for u in n.users if u in on_path))
     return cut
-
-
-def _swap(gm: Any, view: Any, node: Any, kw: Any) -> None:
-    if node.op == "call_module":
-        gm.add_submodule(node.target, kw)
-        return
-    name, i = f"{node.name}_kw", 0
-    while hasattr(gm, name):
-        i += 1
-        name = f"{node.name}_kw{i}"
-    gm.add_submodule(name, kw)
-    with gm.graph.inserting_before(node):
-        new = gm.graph.call_module(name, (view.arg(node, "input"),))
-    node.replace_all_uses_with(new)
-    gm.graph.erase_node(node)

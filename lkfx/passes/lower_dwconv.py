@@ -125,8 +125,7 @@ class LowerDwconv(Pass):
     # --- ONNX ---------------------------------------------------------------------------------------
     def run_onnx(self, graph: Any, ctx: PassContext) -> None:
         from lkfx.backends.dwconv_plugin import PLUGIN_DOMAIN, PLUGIN_NAME, plugin_node_attrs
-        from lkfx.passes.fft_conv import _onnx_pads
-        from lkfx.patterns.onnx import OnnxView
+        from lkfx.patterns.onnx import OnnxView, auto_pad, onnx_pads
 
         view = OnnxView(graph)
         report = ctx.report
@@ -140,16 +139,15 @@ class LowerDwconv(Pass):
             dilation = [int(d) for d in attrs.get("dilations", [1, 1])]
             reason = _selection_refusal(shape, int(attrs.get("group", 1)), stride, dilation,
                                         self.config["min_kernel"])
-            auto_pad = attrs.get("auto_pad", "NOTSET")
-            auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-            if reason is None and auto_pad.startswith("SAME") and stride != [1, 1]:
-                reason = f"auto_pad={auto_pad} with stride {stride}: the padding depends on the input size"
+            mode = auto_pad(conv)
+            if reason is None and mode.startswith("SAME") and stride != [1, 1]:
+                reason = f"auto_pad={mode} with stride {stride}: the padding depends on the input size"
             if reason is None and w is not None and w.dtype.name not in ("float32", "float16", "bfloat16"):
                 reason = f"the weight is {w.dtype}; the plugin takes float32, float16 and bfloat16"
             if reason:
                 report.skip(where, reason)
                 continue
-            (pt, pb), (pl, pr) = _onnx_pads(conv, shape[2:])
+            (pt, pb), (pl, pr) = onnx_pads(conv, shape[2:])
             if view.optional_input(conv, 2) is None:  # the plugin always takes a bias
                 dtype = w.dtype if w is not None else (conv.inputs[1].dtype or np.float32)
                 zeros = view.new_const(f"{where}_zero_bias", np.zeros(shape[0], dtype))

@@ -114,7 +114,7 @@ class ReparamLargeKernel(Pass):
                 block = ReparamLargeKernelConv(info.weight.shape[0], target, **block_kw).to(
                     device=info.weight.device, dtype=info.weight.dtype)
             block.train(info.module.training if info.module is not None else gm.training)
-            _swap(gm, node, block, view.arg(node, "input") if node.op == "call_function" else None)
+            view.swap(node, block, "replk")
             old = "x".join(map(str, info.weight.shape[2:]))
             small = ", ".join(f"{k}x{k}" + (f" d{d}" if d > 1 else "") for k, d in block.branches)
             stage = "" if stage is None else f", stage {stage}"
@@ -185,18 +185,3 @@ def _output_stats(gm: Any, nodes: list, example_inputs: tuple) -> dict:
     with buffers_restored(gm):
         Recorder(gm).run(*example_inputs)
     return seen
-
-
-def _swap(gm: Any, node: Any, block: Any, functional_input: Any) -> None:
-    if node.op == "call_module":
-        gm.add_submodule(node.target, block)
-        return
-    name, i = f"{node.name}_replk", 0
-    while hasattr(gm, name):
-        i += 1
-        name = f"{node.name}_replk{i}"
-    gm.add_submodule(name, block)
-    with gm.graph.inserting_before(node):
-        new = gm.graph.call_module(name, (functional_input,))
-    node.replace_all_uses_with(new)
-    gm.graph.erase_node(node)

@@ -142,7 +142,6 @@ class FxView:
         self._tensor_names: dict[int, list[str]] = defaultdict(list)
         for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
             self._tensor_names[id(t)].append(name)
-        self._fresh = 0
 
     # --- GraphView protocol -------------------------------------------------------------------------
     def candidates(self, kinds: frozenset[str]) -> list[fx.Node]:
@@ -308,12 +307,50 @@ class FxView:
                 if u is not allowed and not is_metadata_read(u)]
 
     # --- rewriting ----------------------------------------------------------------------------------
-    def _fresh_name(self, hint: str) -> str:
-        while True:
-            self._fresh += 1
-            name = f"{hint.replace('.', '_')}_lkfx{self._fresh}"
-            if not hasattr(self.gm, name):
-                return name
+    def fresh_name(self, hint: str) -> str:
+        """`hint`, else ``hint_1``, ``hint_2``, ...: the first attribute path the GraphModule does not have yet
+        (dots name submodules: ``a.b_1`` is free when ``a`` has no ``b_1``). Register it before asking again."""
+        name, i = hint, 0
+        while self._has(name):
+            i += 1
+            name = f"{hint}_{i}"
+        return name
+
+    def _has(self, path: str) -> bool:
+        obj = self.gm
+        for part in path.split("."):
+            if not hasattr(obj, part):
+                return False
+            obj = getattr(obj, part)
+        return True
+
+    _fresh_name = fresh_name  # the name lkfx/passes/fake_quant/fx.py still calls
+
+    def swap(self, node: fx.Node, module: nn.Module, suffix: str) -> None:
+        """Put `module` where conv `node` was, called on the same input.
+
+        A module called once is replaced in place (its name, so its state-dict keys, stay). A module called more
+        than once keeps serving its other calls: this call alone gets `module`, at the root under a fresh name
+        ``<target>_<suffix>`` (dots as underscores; see `fresh_name`). A functional conv becomes a call of
+        `module`, registered as ``<node name>_<suffix>``; the new node keeps the old one's metadata (shapes)."""
+        if node.op == "call_module" and self._module_calls[node.target] == 1:
+            self.gm.add_submodule(node.target, module)
+            self._modules[node.target] = module
+            return
+        where = node.target if node.op == "call_module" else node.name
+        name = self.fresh_name(f"{where.replace('.', '_')}_{suffix}")
+        self.gm.add_submodule(name, module)
+        self._modules[name] = module
+        self._module_calls[name] = 1
+        if node.op == "call_module":
+            self._module_calls[node.target] -= 1
+            node.target = name
+            return
+        with self.gm.graph.inserting_before(node):
+            new = self.gm.graph.call_module(name, (self.arg(node, "input"),))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        self.gm.graph.erase_node(node)
 
     def set_params(self, info: ConvInfo, weight: torch.Tensor, bias: torch.Tensor, copy_module: bool) -> None:
         """Give `info.node` new weight and bias. With `copy_module`, others sharing the weight keep the old one."""
@@ -324,7 +361,7 @@ class FxView:
             module = info.module
             if copy_module:
                 module = copy.deepcopy(module)
-                name = self._fresh_name(info.node.target)
+                name = self.fresh_name(info.node.target.replace(".", "_"))
                 self.gm.add_submodule(name, module)
                 self._module_calls[info.node.target] -= 1
                 info.node.target = name
@@ -335,7 +372,7 @@ class FxView:
             return
         with self.gm.graph.inserting_before(info.node):
             for arg, value in (("weight", new_w), ("bias", new_b)):
-                name = self._fresh_name(f"{info.node.name}_{arg}")
+                name = self.fresh_name(f"{info.node.name}_{arg}")
                 self.gm.register_parameter(name, value)
                 self.set_arg(info.node, arg, self.gm.graph.get_attr(name))
 

@@ -8,10 +8,37 @@ so a rule sees the numbers whichever way the exporter stored them.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 
 import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
+
+
+def auto_pad(conv: gs.Node) -> str:
+    """A Conv's ``auto_pad`` as text (``NOTSET`` when absent)."""
+    value = conv.attrs.get("auto_pad", "NOTSET")
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def onnx_pads(conv: gs.Node, kernel: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """(begin, end) zero padding per spatial axis of a Conv whose kernel is `kernel`, from ``pads`` or ``auto_pad``.
+
+    ``SAME_UPPER`` / ``SAME_LOWER`` pad ``dilation * (k - 1)`` in all, the odd one at the end / the beginning:
+    that is their padding at stride 1 only (at a larger stride it depends on the input size: refuse that first).
+    """
+    mode = auto_pad(conv)
+    if mode == "VALID":
+        return tuple((0, 0) for _ in kernel)
+    if mode in ("SAME_UPPER", "SAME_LOWER"):
+        dilations = [int(d) for d in conv.attrs.get("dilations", [1] * len(kernel))]
+        totals = [d * (int(k) - 1) for k, d in zip(kernel, dilations, strict=True)]
+        if mode == "SAME_UPPER":
+            return tuple((t // 2, t - t // 2) for t in totals)
+        return tuple((t - t // 2, t // 2) for t in totals)
+    n = len(kernel)
+    pads = [int(p) for p in conv.attrs.get("pads", [0] * 2 * n)]
+    return tuple((pads[i], pads[i + n]) for i in range(n))
 
 
 class OnnxView:
@@ -23,8 +50,7 @@ class OnnxView:
             self._index[self.kind(node)].append(node)
         self._removed: set[int] = set()
         self._orphaned_producers = False  # a rewrite left a node whose output nobody reads any more
-        self._names = {t for t in graph.tensors()}
-        self._fresh = 0
+        self._names = set(graph.tensors()) | {n.name for n in graph.nodes}
 
     # --- GraphView protocol -------------------------------------------------------------------------
     def candidates(self, kinds: frozenset[str]) -> list[gs.Node]:
@@ -87,13 +113,18 @@ class OnnxView:
         return others
 
     # --- rewriting ----------------------------------------------------------------------------------
-    def new_const(self, hint: str, value: np.ndarray) -> gs.Constant:
-        name = hint
+    def fresh_name(self, hint: str) -> str:
+        """`hint`, else ``hint_1``, ``hint_2``, ...: the first name no tensor or node of the graph has, nor an
+        earlier fresh name (ONNX wants both unique)."""
+        name, i = hint, 0
         while name in self._names:
-            self._fresh += 1
-            name = f"{hint}_lkfx{self._fresh}"
+            i += 1
+            name = f"{hint}_{i}"
         self._names.add(name)
-        return gs.Constant(name, np.ascontiguousarray(value))
+        return name
+
+    def new_const(self, hint: str, value: np.ndarray) -> gs.Constant:
+        return gs.Constant(self.fresh_name(hint), np.ascontiguousarray(value))
 
     def replace_input(self, node: gs.Node, index: int, tensor: gs.Tensor) -> None:
         """Set (or append, for index == len) an input; remember when the old one's producer became dead."""

@@ -479,20 +479,7 @@ class _Rule:
                     break
                 prefix.append(parts[0])
             base = ".".join([*prefix, "reparam_conv"])
-        name, i = base, 0
-        while _exists(self.gm, name):
-            i += 1
-            name = f"{base}_{i}"
-        return name
-
-
-def _exists(gm: fx.GraphModule, path: str) -> bool:
-    obj = gm
-    for part in path.split("."):
-        if not hasattr(obj, part):
-            return False
-        obj = getattr(obj, part)
-    return True
+        return self.view.fresh_name(base)
 
 
 def merge_graph(gm: fx.GraphModule, report: PassReport) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from lkfx import kernel_math as km
-from lkfx.patterns.onnx import OnnxView
+from lkfx.patterns.onnx import OnnxView, auto_pad, onnx_pads
 from lkfx.report import PassReport
 
 from .core import Branch, Merged, Term, group_terms, merge
@@ -26,15 +26,10 @@ def _default(node: gs.Node) -> bool:
     return node.domain in (None, "", "ai.onnx")
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 class _Rule:
     def __init__(self, graph: gs.Graph, report: PassReport):
         self.graph, self.report = graph, report
         self.view = OnnxView(graph)
-        self.names = set(graph.tensors()) | {n.name for n in graph.nodes}
         self.changed = False
 
     # reading -------------------------------------------------------------------------------------------
@@ -114,19 +109,10 @@ class _Rule:
         nd = w.ndim - 2
         stride = tuple(conv.attrs.get("strides", [1] * nd))
         dilation = tuple(conv.attrs.get("dilations", [1] * nd))
-        auto_pad = _text(conv.attrs.get("auto_pad", "NOTSET"))
-        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            if any(s != 1 for s in stride):
-                return f"{where} has auto_pad={auto_pad} with stride {stride}: its pads depend on the input size"
-            total = [d * (k - 1) for k, d in zip(w.shape[2:], dilation, strict=True)]
-            small = tuple(t // 2 for t in total)
-            large = tuple(t - t // 2 for t in total)
-            pads = (small, large) if auto_pad == "SAME_UPPER" else (large, small)
-        elif auto_pad == "VALID":
-            pads = ((0,) * nd, (0,) * nd)
-        else:
-            p = list(conv.attrs.get("pads", [0] * 2 * nd))
-            pads = (tuple(p[:nd]), tuple(p[nd:]))
+        mode = auto_pad(conv)
+        if mode.startswith("SAME") and any(s != 1 for s in stride):
+            return f"{where} has auto_pad={mode} with stride {stride}: its pads depend on the input size"
+        pads = tuple(zip(*onnx_pads(conv, w.shape[2:]), strict=True))
         groups = int(conv.attrs.get("group", 1))
         if bn is not None:
             affine = self.bn_affine(bn, w.shape[0])
@@ -240,25 +226,18 @@ class _Rule:
         last.outputs.append(final)
         self.changed = True
 
-    def fresh(self, hint: str) -> str:
-        name, i = hint, 0
-        while name in self.names:
-            i += 1
-            name = f"{hint}_{i}"
-        self.names.add(name)
-        return name
-
     def emit(self, op: str, inputs: list, hint: str, attrs: dict | None = None) -> gs.Variable:
-        out = gs.Variable(self.fresh(f"{hint}_reparam_out"))
-        self.graph.nodes.append(gs.Node(op, self.fresh(f"{hint}_reparam_{op.lower()}"), attrs or {}, inputs, [out]))
+        out = gs.Variable(self.view.fresh_name(f"{hint}_reparam_out"))
+        name = self.view.fresh_name(f"{hint}_reparam_{op.lower()}")
+        self.graph.nodes.append(gs.Node(op, name, attrs or {}, inputs, [out]))
         return out
 
     def emit_conv(self, group: list[Term], m: Merged) -> gs.Variable:
         conv = next(t.chain[-1] for t in group if t.kind == "conv")
         dtype = self.view.const(conv.inputs[1]).dtype
         hint = self.view.describe(conv)
-        w = gs.Constant(self.fresh(f"{hint}_reparam_weight"), np.ascontiguousarray(m.weight.astype(dtype)))
-        b = gs.Constant(self.fresh(f"{hint}_reparam_bias"), np.ascontiguousarray(m.bias.astype(dtype)))
+        w = gs.Constant(self.view.fresh_name(f"{hint}_reparam_weight"), np.ascontiguousarray(m.weight.astype(dtype)))
+        b = gs.Constant(self.view.fresh_name(f"{hint}_reparam_bias"), np.ascontiguousarray(m.bias.astype(dtype)))
         nd = m.weight.ndim - 2
         attrs = {"kernel_shape": list(m.weight.shape[2:]), "strides": list(m.stride),
                  "pads": [*m.pad_begin, *m.pad_end], "dilations": [1] * nd, "group": m.groups}

@@ -20,34 +20,18 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from onnx_models import conv_bn_chain  # noqa: E402  (the tests' model, so both measure one graph)
 
 RESULTS = Path(__file__).parent / "results"
 ONNXOPTIMIZER_MAX_N = 300
-
-
-def chain(n: int, c: int = 8, seed: int = 0) -> onnx.ModelProto:
-    rng = np.random.default_rng(seed)
-    nodes, inits, x = [], [], "x"
-    for i in range(n):
-        inits.append(numpy_helper.from_array((rng.standard_normal((c, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32),
-                                             f"w{i}"))
-        inits += [numpy_helper.from_array(rng.uniform(0.5, 1.5, c).astype(np.float32), f"{k}{i}") for k in "sv"]
-        inits += [numpy_helper.from_array(rng.uniform(-0.5, 0.5, c).astype(np.float32), f"{k}{i}") for k in "bm"]
-        nodes.append(helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1], name=f"conv{i}"))
-        nodes.append(helper.make_node("BatchNormalization", [f"c{i}", f"s{i}", f"b{i}", f"m{i}", f"v{i}"], [f"n{i}"],
-                                      name=f"bn{i}"))
-        nodes.append(helper.make_node("Relu", [f"n{i}"], [f"r{i}"], name=f"relu{i}"))
-        x = f"r{i}"
-    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 16, 16])],
-                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, c, 16, 16])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def run_lkfx(src: str, dst: str) -> None:
@@ -136,7 +120,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         for n in sizes:
             src = f"{d}/chain{n}.onnx"
-            onnx.save(chain(n), src)
+            onnx.save(conv_bn_chain(n, c=8, hw=16), src)
             for tool, fn in TOOLS.items():
                 if tool == "onnxoptimizer" and n > ONNXOPTIMIZER_MAX_N:
                     continue

@@ -128,6 +128,34 @@ def test_tensorrt_residual_placement_is_the_same_on_fx_and_onnx(tmp_path, stem):
     assert fx_adds == expected
 
 
+class Residuals(nn.Module):
+    """The graph of the ONNX residual-rule test: convs on both sides, conv + skip, a conv plus its own sigmoid."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.main1, self.main2, self.down = (nn.Conv2d(4, 4, 1) for _ in range(4))
+
+    def forward(self, x):
+        r = F.relu(self.stem(x))
+        c2, c3 = self.main2(F.relu(self.main1(r))), self.down(r)
+        return ((c2 + c3) + (c2 + r)) + (c3 + torch.sigmoid(c3))
+
+
+def test_tensorrt_residual_rule_on_fx_matches_onnx(tmp_path):
+    torch.manual_seed(0)
+    model, x = Residuals().eval(), torch.rand(2, 4, 3, 3)
+    options = {"placement": "tensorrt", "method": "minmax"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(tmp_path / "m.onnx"), dynamo=False, opset_version=17, input_names=["x"])
+    onnx_q = lkfx.transform(onnx.load(str(tmp_path / "m.onnx")), [("fake_quant", options)], calib_data=[x.numpy()])
+    fx_adds = fx_add_inputs(lkfx.transform(model, [("fake_quant", options)]))
+    assert sorted(fx_adds) == sorted(onnx_add_inputs(onnx_q))
+    conv, skip, other = (False, (1, 1)), (True, ()), (False, ())
+    # c2 + c3: the shorter (down) side; c2 + r: r; (sum of adds); c3 + sigmoid(c3): no residual; the sum
+    assert fx_adds == [[conv, (True, (1, 1))], [conv, skip], [other, other], [other, conv], [other, other]]
+
+
 class Functional(nn.Module):
     """F.* convs on plain parameters, a matmul, torch.add with a residual, a reflect-padded conv module."""
 

@@ -59,7 +59,7 @@ MIN_OPSET = 13
 
 def run_onnx(graph: gs.Graph, ctx: PassContext, config: dict) -> None:
     """Fold BN, calibrate on ``ctx.calib_data`` and insert QDQ pairs into `graph` (in place)."""
-    from lkfx.quant.data import load_calib_data
+    from lkfx.quant.data import input_spec, load_calib_data
 
     make_observer = _observer_factory(graph, config)
     batches = load_calib_data(ctx.calib_data, input_spec(graph), num_batches=config["num_batches"])
@@ -106,18 +106,6 @@ def run_onnx(graph: gs.Graph, ctx: PassContext, config: dict) -> None:
     report.note(f"activations: {len(points)} tensors, {'int8 symmetric' if config['act_symmetric'] else 'uint8'} "
                 f"per tensor, placement={config['placement']}, calibrated with {config['method']} on "
                 f"{len(batches)} batches")
-
-
-def input_spec(graph: gs.Graph) -> dict[str, tuple[tuple[int | None, ...], np.dtype]]:
-    """The graph inputs as ``{name: (shape, dtype)}`` with ``None`` for symbolic or unknown dimensions."""
-    spec = {}
-    for inp in graph.inputs:
-        if inp.shape is None or inp.dtype is None:
-            raise LkfxError(f"model input '{inp.name}' has no declared shape or type; cannot check calibration data "
-                            "against it (set its shape in the model)")
-        shape = tuple(d if isinstance(d, int) and d > 0 else None for d in inp.shape)
-        spec[inp.name] = (shape, np.dtype(inp.dtype))
-    return spec
 
 
 def _observer_factory(graph: gs.Graph, config: dict):

@@ -265,9 +265,7 @@ def _fx_functional(gm: Any, node: Any, view: Any, padding: Any, groups: int) -> 
     args = (view.arg(node, "input"), view.arg(node, "weight"), view.arg(node, "bias"))
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(fft_conv2d, args, {"padding": padding, "groups": groups})
-    new.meta.update(node.meta)
-    node.replace_all_uses_with(new)
-    gm.graph.erase_node(node)
+    view.replace(node, new)
 
 
 # --- ONNX helpers ---------------------------------------------------------------------------------------------

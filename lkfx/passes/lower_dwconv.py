@@ -114,9 +114,7 @@ class LowerDwconv(Pass):
                     x, w, b = view.arg(node, "input"), w_node, view.arg(node, "bias")
                 new = graph.call_function(torch.ops.lkfx.dwconv2d.default,
                                           (x, w, b, list(info.stride), [pt, pl, pb, pr]))
-            new.meta.update(node.meta)
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
+            view.replace(node, new)
             report.note(f"{where}: {shape[2]}x{shape[3]} depthwise, {shape[0]} channels, stride "
                         f"{tuple(info.stride)}, pads {[pt, pl, pb, pr]} -> torch.ops.lkfx.dwconv2d")
             report.rewritten += 1

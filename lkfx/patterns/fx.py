@@ -348,6 +348,10 @@ class FxView:
             return
         with self.gm.graph.inserting_before(node):
             new = self.gm.graph.call_module(name, (self.arg(node, "input"),))
+        self.replace(node, new)
+
+    def replace(self, node: fx.Node, new: fx.Node) -> None:
+        """`new` takes `node`'s place: its users and its metadata (shapes, read by later rules); `node` is erased."""
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         self.gm.graph.erase_node(node)

@@ -12,6 +12,7 @@ channels: a delta at tap P, per group.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,3 +183,24 @@ def merge(group: list[Term], consts: list[Term]) -> Merged | str:
             return f"constant {t.where} of shape {np.shape(t.const)} is not one value per channel"
         bias += value * coef
     return Merged(weight, bias, first.stride, begin, end, groups)
+
+
+def combine(values: list, leftovers: list[Term], add: Callable, neg: Callable, mul: Callable) -> Any:
+    """The expression rebuilt: the merged convs' `values` summed, then each leftover term (its value times its
+    factor args, None = negate) added. `add` / `neg` / `mul` make one graph op of the frontend, in this order."""
+    value = values[0]
+    for v in values[1:]:
+        value = add(value, v)
+    for t in leftovers:
+        v = t.value
+        for arg in t.factor_args:
+            v = neg(v) if arg is None else mul(v, arg)
+        value = add(value, v)
+    return value
+
+
+def merged_note(group: list[Term], bn: str | None, out: str, m: Merged) -> str:
+    """The report note for one merged group (and the BatchNorm folded after it)."""
+    extra = f" and {bn}" if bn is not None else ""
+    return (f"merged {', '.join(t.where for t in group)}{extra} into {out} "
+            f"({'x'.join(map(str, m.weight.shape[2:]))})")

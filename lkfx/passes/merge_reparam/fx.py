@@ -32,7 +32,7 @@ from lkfx.graph import fx as gfx
 from lkfx.patterns.fx import FxView, is_metadata_read, module_kind
 from lkfx.report import PassReport
 
-from .core import Branch, Merged, Term, group_terms, merge
+from .core import Branch, Merged, Term, combine, group_terms, merge, merged_note
 
 PROTOCOL = ("fuse", "reparameterize", "switch_to_deploy")
 aten = torch.ops.aten
@@ -403,21 +403,14 @@ class _Rule:
             outs.append(out)
             for t in group:
                 self.redirect_metadata(t.chain, out)
-            names = ", ".join(t.where for t in group)
-            extra = f" and {self.view.describe(bn)}" if after is not None else ""
-            self.report.note(f"merged {names}{extra} into {self.view.describe(out)} "
-                             f"({'x'.join(map(str, merged.weight.shape[2:]))})")
+            bn_name = self.view.describe(bn) if after is not None else None
+            self.report.note(merged_note(group, bn_name, self.view.describe(out), merged))
             self.report.rewritten += 1
-        value = outs[0]
-        with self.gm.graph.inserting_before(root):
-            for extra_out in outs[1:]:
-                value = self.gm.graph.call_function(operator.add, (value, extra_out))
-            for t in leftovers:
-                v = t.value
-                for arg in t.factor_args:
-                    v = self.gm.graph.call_function(operator.neg, (v,)) if arg is None else \
-                        self.gm.graph.call_function(operator.mul, (v, arg))
-                value = self.gm.graph.call_function(operator.add, (value, v))
+        graph = self.gm.graph
+        with graph.inserting_before(root):
+            value = combine(outs, leftovers, lambda a, b: graph.call_function(operator.add, (a, b)),
+                            lambda a: graph.call_function(operator.neg, (a,)),
+                            lambda a, b: graph.call_function(operator.mul, (a, b)))
         self.redirect_metadata(inner, outs[0])
         final.replace_all_uses_with(value)
 

@@ -16,7 +16,7 @@ from lkfx import kernel_math as km
 from lkfx.patterns.onnx import OnnxView, auto_pad, onnx_pads
 from lkfx.report import PassReport
 
-from .core import Branch, Merged, Term, group_terms, merge
+from .core import Branch, Merged, Term, combine, group_terms, merge, merged_note
 
 _MINUS = np.asarray(-1.0)
 NEGATE = "negate"
@@ -207,18 +207,11 @@ class _Rule:
         values = []
         for group, m in done:
             values.append(self.emit_conv(group, m))
-            extra = f" and {self.view.describe(after[0])}" if after is not None else ""
-            self.report.note(f"merged {', '.join(t.where for t in group)}{extra} into {values[-1].inputs[0].name} "
-                             f"({'x'.join(map(str, m.weight.shape[2:]))})")
+            bn_name = self.view.describe(after[0]) if after is not None else None
+            self.report.note(merged_note(group, bn_name, values[-1].inputs[0].name, m))
             self.report.rewritten += 1
-        value = values[0]
-        for v in values[1:]:
-            value = self.emit("Add", [value, v], root.name)
-        for t in leftovers:
-            v = t.value
-            for arg in t.factor_args:
-                v = self.emit("Neg", [v], root.name) if arg is None else self.emit("Mul", [v, arg], root.name)
-            value = self.emit("Add", [value, v], root.name)
+        value = combine(values, leftovers, lambda a, b: self.emit("Add", [a, b], root.name),
+                        lambda a: self.emit("Neg", [a], root.name), lambda a, b: self.emit("Mul", [a, b], root.name))
         producer = final.inputs[0]
         producer.outputs.clear()
         last = value.inputs[0]

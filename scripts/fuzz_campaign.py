@@ -64,6 +64,8 @@ def _check_network(seed: int, args: argparse.Namespace, checks: list, stats: dic
         s["reasons"].update(_reason_key(r) for r in outcome.reasons)
         s["refolded"] += outcome.refolded
         s["widened"] += outcome.widened
+        if outcome.widened:
+            s["widened_seeds"].append(seed)
         s["max_error"] = max(s["max_error"], outcome.error)
 
 
@@ -92,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     checks = [("fx", name, chain, check_fx) for name, chain in FX_CHAINS.items()] + \
              [("onnx", name, chain, check_onnx) for name, chain in ONNX_CHAINS.items()]
     stats = {f"{fe}:{name}": {"networks": 0, "rewritten": Counter(), "skipped": Counter(), "refused": Counter(),
-                              "reasons": Counter(), "refolded": 0, "widened": 0, "max_error": 0.0, "failures": []}
+                              "reasons": Counter(), "refolded": 0, "widened": 0, "widened_seeds": [], "max_error": 0.0,
+                              "failures": []}
              for fe, name, _, _ in checks}
     start, done = time.perf_counter(), 0
     signal.signal(signal.SIGTERM, _interrupt)

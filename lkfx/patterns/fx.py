@@ -324,7 +324,6 @@ class FxView:
             obj = getattr(obj, part)
         return True
 
-    _fresh_name = fresh_name  # the name lkfx/passes/fake_quant/fx.py still calls
 
     def swap(self, node: fx.Node, module: nn.Module, suffix: str) -> None:
         """Put `module` where conv `node` was, called on the same input.

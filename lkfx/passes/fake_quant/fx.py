@@ -155,7 +155,7 @@ def _quantize_weights(gm: fx.GraphModule, view: FxView, bits: int, ctx: PassCont
         if info.transposed and node.op == "call_module" and len(node.args) + len(node.kwargs) > 1:
             ctx.report.skip(where, "ConvTranspose called with output_size")
             continue
-        name = view._fresh_name(f"{node.name}_weight_fq")
+        name = view.fresh_name(f"{node.name}_weight_fq")
         gm.add_submodule(name, WeightFakeQuant(bits, axis=1 if info.transposed else 0))
         with gm.graph.inserting_before(node):
             if node.op == "call_module":
@@ -211,7 +211,7 @@ def _quantize_activations(gm: fx.GraphModule, view: FxView, config: dict[str, An
 
     def quantizer(src: fx.Node) -> fx.Node:
         if src not in quantized:
-            name = view._fresh_name(f"{src.name}_fq")
+            name = view.fresh_name(f"{src.name}_fq")
             gm.add_submodule(name, FakeQuant(bits=config["act_bits"], symmetric=config["act_symmetric"],
                                              method=config["method"], options=observer_options(config),
                                              qat=config["qat"], momentum=OPTIONS["momentum"]))

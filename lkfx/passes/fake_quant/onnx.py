@@ -37,7 +37,7 @@ The result is approximate by design: ``x_hat`` differs from ``x`` by at most ``s
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -91,7 +91,7 @@ def run_onnx(graph: gs.Graph, ctx: PassContext, config: dict) -> None:
         while src in same:
             src = same[src]
         qp[name] = qp[src]
-    names = _Names(graph)
+    names = view.fresh_name
     for node, w, axis in layers:
         s_w = _quantize_weight(graph, names, node, w, axis, config["weight_bits"])
         x = node.inputs[0]
@@ -266,22 +266,10 @@ def _calibrate(graph: gs.Graph, points: dict, batches: list[dict[str, np.ndarray
     return out
 
 
-class _Names:
-    """Fresh tensor names, unique in the graph."""
-
-    def __init__(self, graph: gs.Graph):
-        self.used = set(graph.tensors())
-
-    def __call__(self, hint: str) -> str:
-        name, i = hint, 0
-        while name in self.used:
-            i += 1
-            name = f"{hint}_{i}"
-        self.used.add(name)
-        return name
+Names = Callable[[str], str]  # OnnxView.fresh_name
 
 
-def _dq(graph: gs.Graph, names: _Names, base: str, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
+def _dq(graph: gs.Graph, names: Names, base: str, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
         axis: int | None) -> gs.Variable:
     """Constant integer tensor -> DequantizeLinear -> a new float32 variable."""
     out = gs.Variable(names(f"{base}_dq"), dtype=np.float32, shape=list(q.shape))
@@ -292,7 +280,7 @@ def _dq(graph: gs.Graph, names: _Names, base: str, q: np.ndarray, scale: np.ndar
     return out
 
 
-def _quantize_weight(graph: gs.Graph, names: _Names, node: gs.Node, w: np.ndarray, axis: int, bits: int) -> np.ndarray:
+def _quantize_weight(graph: gs.Graph, names: Names, node: gs.Node, w: np.ndarray, axis: int, bits: int) -> np.ndarray:
     """Replace the layer's weight by int8 + per-channel DequantizeLinear; return the scales (float64)."""
     import torch
 
@@ -310,7 +298,7 @@ def _quantize_weight(graph: gs.Graph, names: _Names, node: gs.Node, w: np.ndarra
     return scale.astype(np.float64)
 
 
-def _quantize_bias(view: OnnxView, graph: gs.Graph, names: _Names, node: gs.Node, scale: np.ndarray) -> None:
+def _quantize_bias(view: OnnxView, graph: gs.Graph, names: Names, node: gs.Node, scale: np.ndarray) -> None:
     """Bias as int32 with scale ``s_x * s_w`` (what onnxruntime's integer kernels read), when it is a plain vector."""
     t = view.optional_input(node, 2)
     b = view.const(t) if t is not None else None
@@ -321,7 +309,7 @@ def _quantize_bias(view: OnnxView, graph: gs.Graph, names: _Names, node: gs.Node
     node.inputs[2] = _dq(graph, names, t.name, q, scale.astype(np.float32), np.zeros(q.shape, np.int32), 0)
 
 
-def _insert_qdq(graph: gs.Graph, names: _Names, tensor: Any, readers: Iterable[gs.Node], scale: np.float32,
+def _insert_qdq(graph: gs.Graph, names: Names, tensor: Any, readers: Iterable[gs.Node], scale: np.float32,
                 zero_point: int, zp_type: type) -> None:
     """tensor -> QuantizeLinear -> DequantizeLinear -> each reader (other readers keep the float tensor)."""
     s = gs.Constant(names(f"{tensor.name}_scale"), np.array(scale, np.float32))

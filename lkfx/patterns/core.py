@@ -96,25 +96,34 @@ class Rule:
 
 
 def apply_rules(view: GraphView, rules: Iterable[Rule], report: PassReport) -> int:
-    """Run each rule over the graph; count matches, rewrites and refusals in `report`.
+    """Run each rule over the graph until it rewrites nothing more; count matches, rewrites and refusals in `report`.
 
-    A rewrite may return a note (e.g. "folded into a copy of a shared weight") that is added to the report.
-    Matches whose nodes an earlier rewrite removed are not counted.
+    A rewrite can make a new match (conv -> BN -> BN: folding the first BN puts the second next to the conv), so a
+    rule runs again after a round that rewrote something; rewrites must remove a node of their match, which ends
+    the loop. A refused match is counted once. A rewrite may return a note (e.g. "folded into a copy of a shared
+    weight") that is added to the report. Matches whose nodes an earlier rewrite removed are not counted.
     """
     done = 0
+    refused: dict[tuple[int, ...], Match] = {}  # by node ids; the match is kept so its ids stay unique
     for rule in rules:
-        for m in list(find(view, rule.pattern)):
-            if not all(view.alive(n) for n in m.values()):
-                continue
-            report.matched += 1
-            where = rule.where(m) or ", ".join(view.describe(n) for n in m.values())
-            reason = rule.check(m)
-            if reason is not None:
-                report.skip(where, f"{rule.name}: {reason}")
-                continue
-            note = rule.rewrite(m)
-            if note:
-                report.note(f"{where}: {note}")
-            report.rewritten += 1
-            done += 1
+        rewrote = True
+        while rewrote:
+            rewrote = False
+            for m in list(find(view, rule.pattern)):
+                key = tuple(id(n) for n in m.values())
+                if key in refused or not all(view.alive(n) for n in m.values()):
+                    continue
+                report.matched += 1
+                where = rule.where(m) or ", ".join(view.describe(n) for n in m.values())
+                reason = rule.check(m)
+                if reason is not None:
+                    report.skip(where, f"{rule.name}: {reason}")
+                    refused[key] = m
+                    continue
+                note = rule.rewrite(m)
+                if note:
+                    report.note(f"{where}: {note}")
+                report.rewritten += 1
+                done += 1
+                rewrote = True
     return done

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_same_outputs, randomize_bn, reasons
@@ -52,8 +51,21 @@ def test_reparam_large_kernel_refuses_a_module_whose_weight_is_read_directly():
     assert_same_outputs(model, out, (x,))
 
 
-@pytest.mark.xfail(strict=True, reason="fold_bn folds one BN of a conv -> BN -> BN chain per run")
 def test_fold_bn_folds_a_chain_of_batchnorms_in_one_run():
     model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4))).eval()
     report = lkfx.transform(model, ["fold_bn"], return_report=True)[1]
     assert report["fold_bn"].rewritten == 2
+    x = torch.randn(2, 3, 8, 8)
+    assert_same_outputs(model, lkfx.transform(model, ["fold_bn"]), (x,))
+    again = lkfx.transform(lkfx.transform(model, ["fold_bn"]), ["fold_bn"], return_report=True)[1]
+    assert again["fold_bn"].rewritten == 0
+
+
+def test_fold_bn_onnx_folds_a_chain_of_batchnorms_in_one_run(tmp_path):
+    from lkfx.zoo import export_onnx
+
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4))).eval()
+    export_onnx(model, torch.randn(1, 3, 8, 8), tmp_path / "m.onnx")
+    out, report = lkfx.transform(str(tmp_path / "m.onnx"), ["fold_bn"], check=True, return_report=True)
+    assert report["fold_bn"].rewritten == 2
+    assert not [n for n in out.graph.node if n.op_type == "BatchNormalization"]

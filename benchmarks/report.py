@@ -215,6 +215,22 @@ def quant(data: dict) -> Section:
                    [f"Calibration: {data['calibration']}; {data['threads']} thread(s), {data['runs']} rounds.{quick}"])
 
 
+def compile_(data: dict) -> Section:
+    """torch.compile backends: eager / inductor / lkfx latency per network and batch, lkfx against inductor."""
+    tools = ["eager", "inductor", "inductor + freezing", "lkfx", "lkfx + fft_conv"]
+    rows = [[r["network"], str(r["batch"]), *(_ms(r.get(f"{t} ms")) for t in tools),
+             f"{r['lkfx / inductor speedup']:.2f}x"] for r in data["rows"]]
+    lines = _md_table(["network", "batch", *tools, "inductor / lkfx (speedup)"], rows)
+    goals = [f"- goal {'met' if ok else 'NOT met'}: {goal}" for goal, ok in data.get("goals", {}).items()]
+    return Section("torch.compile backend (`benchmarks/compile.py`)", "backend=\"inductor\"", lines, None,
+                   [f"{data['size']}x{data['size']} inputs, fastest of {data['repeats']} calls, device "
+                    f"{data['device']}.", "", *goals])
+
+
+def _ms(value: Any) -> str:
+    return "" if value is None else f"{value:.1f} ms"
+
+
 def generic(name: str, data: dict) -> Section:
     """A benchmark this file has no renderer for: its ``rows`` (flat dicts) as a table, no figure."""
     rows = data.get("rows") if isinstance(data, dict) else None
@@ -232,7 +248,7 @@ def _cell(value: Any) -> str:
 
 RENDERERS: dict[str, Callable[[dict], Section]] = {
     "fold_bn_onnx": fold_bn_onnx, "fft_conv": fft_conv, "reparam": reparam, "kernel_warehouse": kernel_warehouse,
-    "quant": quant}
+    "quant": quant, "compile": compile_}
 
 
 # --- running -----------------------------------------------------------------------------------------------

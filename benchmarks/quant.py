@@ -239,7 +239,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="digits training epochs (default 20, 6 with --quick)")
     parser.add_argument("--runs", type=int, help="latency rounds (default 60, 12 with --quick)")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for quant.json and quant.png")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for quant.json and quant.png (default: results/ on a full run; --quick writes "
+                             "only where --out says)")
     args = parser.parse_args()
     logging.getLogger().setLevel(logging.ERROR)  # quantize_static's "please pre-process" warnings: we do
     epochs = args.epochs or (6 if args.quick else 20)
@@ -266,10 +268,13 @@ def main() -> None:
     out = {"machine": machine(), "quick": args.quick, "epochs": epochs, "runs": runs, "threads": args.threads,
            "resnet_size": size, "calibration": f"{CALIB_BATCHES} batches of {CALIB_BATCH} digits training images",
            "digits": digits, "resnet18": resnet, "goals": met}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quant.json").write_text(json.dumps(out, indent=2))
-    plot(digits, args.out / "quant.png")
-    print(f"wrote {args.out / 'quant.json'} and quant.png")
+    out_dir = args.out or (None if args.quick else RESULTS)
+    if out_dir is None:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "quant.json").write_text(json.dumps(out, indent=2))
+    plot(digits, out_dir / "quant.png")
+    print(f"wrote {out_dir / 'quant.json'} and quant.png")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ Size: bytes of the .onnx file.
 Goals (issue 5): lkfx int8 accuracy within 0.5 points of fp32 with at least one method; never worse than
 quantize_static's best; lkfx int8 latency no worse than quantize_static's output (PASS allows 5 % for timing noise:
 both become the same onnxruntime integer kernels). Writes DIR/quant.json and DIR/quant.png (DIR defaults to
-benchmarks/results; the JSON says whether it was a --quick run).
+benchmarks/results on a full run; --quick writes only with --out).
 """
 
 from __future__ import annotations

@@ -31,68 +31,21 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torchvision
+from reparam import FULL, QUICK, conv_bn, randomize, replknet  # benchmarks/ is on sys.path
 from tqdm import tqdm
 
 from lkfx.backends.dynamo import last_report
 from lkfx.compare import max_rel_error
 
 RESULTS = Path(__file__).parent / "results"
-FULL = {"channels": (128, 256, 512, 1024), "blocks": (2, 2, 18, 2), "kernels": (31, 29, 27, 13), "size": 224}
-QUICK = {"channels": (16, 32, 64, 128), "blocks": (1, 1, 2, 1), "kernels": (31, 29, 27, 13), "size": 64}
 BACKENDS = {"eager": None, "inductor": ("inductor", {}), "inductor + freezing": ("inductor", {"freezing": True}),
             "lkfx": ("lkfx", {}),
             "lkfx + fft_conv": ("lkfx", {"passes": ["fold_bn", ("fft_conv", {"min_kernel": 5, "mode": "always"})]})}
 
 
-def conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
-    layers = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
-    return nn.Sequential(*layers, nn.ReLU()) if act else nn.Sequential(*layers)
-
-
-class RepLKBlock(nn.Module):
-    def __init__(self, c: int, k: int):
-        super().__init__()
-        self.pre_bn, self.pw1 = nn.BatchNorm2d(c), conv_bn(c, c, 1)
-        self.large, self.act = conv_bn(c, c, k, groups=c, act=False), nn.ReLU()
-        self.pw2 = conv_bn(c, c, 1, act=False)
-
-    def forward(self, x):
-        return x + self.pw2(self.act(self.large(self.pw1(self.pre_bn(x)))))
-
-
-class ConvFFN(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.pre_bn = nn.BatchNorm2d(c)
-        self.pw1, self.act, self.pw2 = conv_bn(c, 4 * c, 1, act=False), nn.GELU(), conv_bn(4 * c, c, 1, act=False)
-
-    def forward(self, x):
-        return x + self.pw2(self.act(self.pw1(self.pre_bn(x))))
-
-
-def replknet(channels, blocks, kernels) -> nn.Module:
-    c0 = channels[0]
-    layers = [conv_bn(3, c0, 3, 2), conv_bn(c0, c0, 3, groups=c0), conv_bn(c0, c0, 1), conv_bn(c0, c0, 3, 2, c0)]
-    for i, (c, n, k) in enumerate(zip(channels, blocks, kernels, strict=True)):
-        if i:
-            layers += [conv_bn(channels[i - 1], c, 1), conv_bn(c, c, 3, 2, c)]
-        for _ in range(n):
-            layers += [RepLKBlock(c, k), ConvFFN(c)]
-    c = channels[-1]
-    layers += [nn.BatchNorm2d(c), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 1000)]
-    return nn.Sequential(*layers)
-
-
-def randomize(model: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model.eval()
+def plain_large(c: int, k: int) -> nn.Module:
+    """The deployed block's large conv: one k x k depthwise conv + BN (what `merge_reparam` leaves, BN unfolded)."""
+    return conv_bn(c, c, k, groups=c, act=False)
 
 
 def timed(fn, repeats: int, sync) -> tuple[float, float, torch.Tensor]:
@@ -131,7 +84,7 @@ def main() -> None:
     torch.manual_seed(0)
     networks = {
         "RepLKNet-31B-shaped" if not args.quick else "RepLKNet-quick-shaped":
-            randomize(replknet(cfg["channels"], cfg["blocks"], cfg["kernels"])).to(dev),
+            replknet(cfg["channels"], cfg["blocks"], cfg["kernels"], large=plain_large).to(dev),
         "ResNet-50": randomize(torchvision.models.resnet50()).to(dev),
     }
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()

@@ -25,6 +25,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,11 +48,16 @@ def conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: 
     return nn.Sequential(*layers, nn.ReLU()) if act else nn.Sequential(*layers)
 
 
+def replk_large(c: int, k: int) -> nn.Module:
+    """The train form's large conv: k x k depthwise + BN in parallel with 5 x 5 depthwise + BN."""
+    return ReparamLargeKernelConv(c, k, small_kernels=(5,))
+
+
 class RepLKBlock(nn.Module):
-    def __init__(self, c: int, k: int):
+    def __init__(self, c: int, k: int, large: Callable[[int, int], nn.Module] = replk_large):
         super().__init__()
         self.pre_bn, self.pw1 = nn.BatchNorm2d(c), conv_bn(c, c, 1)
-        self.large, self.act = ReparamLargeKernelConv(c, k, small_kernels=(5,)), nn.ReLU()
+        self.large, self.act = large(c, k), nn.ReLU()
         self.pw2 = conv_bn(c, c, 1, act=False)
 
     def forward(self, x):
@@ -68,17 +74,24 @@ class ConvFFN(nn.Module):
         return x + self.pw2(self.act(self.pw1(self.pre_bn(x))))
 
 
-def replknet(channels, blocks, kernels, num_classes: int = 1000) -> nn.Module:
+def replknet(channels, blocks, kernels, num_classes: int = 1000,
+             large: Callable[[int, int], nn.Module] = replk_large) -> nn.Module:
+    """RepLKNet's layout (stem, transitions, RepLK + ConvFFN blocks) with `large(c, k)` as each block's large conv,
+    random non-trivial BatchNorm statistics, eval mode."""
     c0 = channels[0]
     layers = [conv_bn(3, c0, 3, 2), conv_bn(c0, c0, 3, groups=c0), conv_bn(c0, c0, 1), conv_bn(c0, c0, 3, 2, c0)]
     for i, (c, n, k) in enumerate(zip(channels, blocks, kernels, strict=True)):
         if i:
             layers += [conv_bn(channels[i - 1], c, 1), conv_bn(c, c, 3, 2, c)]
         for _ in range(n):
-            layers += [RepLKBlock(c, k), ConvFFN(c)]
+            layers += [RepLKBlock(c, k, large), ConvFFN(c)]
     c = channels[-1]
     layers += [nn.BatchNorm2d(c), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes)]
-    model = nn.Sequential(*layers)
+    return randomize(nn.Sequential(*layers))
+
+
+def randomize(model: nn.Module) -> nn.Module:
+    """Random, non-trivial BatchNorm statistics and affine parameters (seed 0), so no fold is the identity."""
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for m in model.modules():

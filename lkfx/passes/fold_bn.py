@@ -146,7 +146,7 @@ class FoldBN(Pass):
 
     # --- ONNX ---------------------------------------------------------------------------------------
     def run_onnx(self, graph: Any, ctx: PassContext) -> None:
-        from lkfx.patterns.onnx import OnnxView
+        from lkfx.patterns.onnx import OnnxView, onnx_pads
 
         view = OnnxView(graph)
         prepared: dict[int, Any] = {}  # BN node id -> what its check computed, reused by the rewrite
@@ -235,7 +235,7 @@ class FoldBN(Pass):
                 if int(conv.attrs.get("transA", 0)):
                     return "Gemm has transA=1: it reads the BatchNorm's channels as rows"
                 in_ch = w.shape[1] if int(conv.attrs.get("transB", 0)) else w.shape[0]
-            elif _onnx_conv_pads(conv, w):
+            elif any(b or e for b, e in onnx_pads(conv, w.shape[2:])):
                 return ZERO_PAD_REASON
             else:
                 in_ch = w.shape[1] * int(conv.attrs.get("group", 1))
@@ -298,16 +298,6 @@ def _gemm_before(gemm: Any, w: np.ndarray, c: np.ndarray | None, s: np.ndarray, 
     w2, c2 = km.fold_scale_before(w_out_in, None if c is None else beta * c, s, t)
     gemm.attrs["alpha"], gemm.attrs["beta"] = 1.0, 1.0
     return (w2 if trans_b else w2.T), c2
-
-
-def _onnx_conv_pads(conv: Any, w: np.ndarray) -> bool:
-    auto_pad = conv.attrs.get("auto_pad", "NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if auto_pad == "VALID":
-        return False
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        return any(k > 1 for k in w.shape[2:])
-    return any(p != 0 for p in conv.attrs.get("pads", []))
 
 
 def _set_weights(view: Any, conv: Any, w: np.ndarray, b: np.ndarray, dtype: np.dtype) -> list[str]:

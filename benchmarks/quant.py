@@ -29,8 +29,6 @@ import importlib.util
 import io
 import json
 import logging
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -38,6 +36,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from fold_bn_onnx import machine  # benchmarks/ is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -222,15 +221,6 @@ def plot(digits: dict, path: Path) -> None:
     ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def machine() -> str:
-    cpu = platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}, python {platform.python_version()}"
 
 
 def main() -> None:

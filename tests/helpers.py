@@ -7,6 +7,7 @@ Import as ``from helpers import ...``: pytest puts tests/ on sys.path, where tes
 from __future__ import annotations
 
 import operator
+import socket
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,6 +22,23 @@ OPSET = 17
 
 
 # --- torch --------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    """A free local TCP port for a torch.distributed rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_net():
+    """The small conv net the DDP tests train (conv + BN stages, a strided conv, a linear head; input 3 x 8 x 8)."""
+    import torch.nn as nn
+
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(16, 4))
+
+
 def randomize_bn(model, seed: int = 0):
     """Give every BatchNorm in `model` non-trivial running statistics and affine parameters; return it."""
     import torch

@@ -2,13 +2,11 @@
 identical across ranks, every parameter gets a gradient (before and after freeze_bn), and the moving-average
 activation ranges stay in sync although each rank sees its own data."""
 
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
-import torch.nn as nn
 import torch.nn.functional as F
+from helpers import ddp_net, free_port
 
 import lkfx
 from lkfx.modules.fake_quant import ConvBnFakeQuant, FakeQuant
@@ -18,12 +16,6 @@ from lkfx.quant import freeze_bn
 STEPS = 4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
@@ -31,10 +23,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.manual_seed(rank)  # different initial weights per rank: DDP must broadcast rank 0's
-        net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                            nn.Conv2d(16, 16, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                            nn.Linear(16, 4))
+        net = ddp_net()
         model = lkfx.transform(net, [("kernel_warehouse", {"budget": 0.5}), ("fake_quant", {"qat": True})],
                                example_inputs=torch.randn(2, 3, 8, 8))
         ddp = torch.nn.parallel.DistributedDataParallel(model)  # find_unused_parameters=False: all must be used
@@ -59,7 +48,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 @pytest.mark.slow  # two processes importing torch: ~15 s on 2 cores
 def test_kernel_warehouse_qat_under_ddp(tmp_path):
     pattern = str(tmp_path / "rank{}.pt")
-    mp.start_processes(_worker, args=(2, _free_port(), pattern), nprocs=2, start_method="spawn")
+    mp.start_processes(_worker, args=(2, free_port(), pattern), nprocs=2, start_method="spawn")
     r0, r1 = (torch.load(pattern.format(r), weights_only=False) for r in range(2))
     assert any(k.endswith("warehouse.cells") for k in r0["params"]) and r0["fused"] == 1  # the static stem + BN
     for k, v in r0["params"].items():

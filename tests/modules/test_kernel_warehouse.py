@@ -5,7 +5,6 @@ the temperature schedule, and DistributedDataParallel training on 2 CPU processe
 from __future__ import annotations
 
 import copy
-import socket
 
 import numpy as np
 import onnxruntime as ort
@@ -13,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import TOL
+from helpers import TOL, ddp_net, free_port
 
 import lkfx
 from lkfx.compare import max_rel_error
@@ -295,12 +294,6 @@ def test_onnx_export_dynamic_batch(tmp_path, dynamo):
 
 
 # --- DistributedDataParallel (gloo, 2 CPU processes) --------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
@@ -308,10 +301,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.manual_seed(rank)  # different initial weights per rank: DDP must broadcast rank 0's
-        net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                            nn.Conv2d(16, 16, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                            nn.Linear(16, 4))
+        net = ddp_net()
         model = lkfx.transform(net, [("kernel_warehouse", {"budget": 0.5})],
                                example_inputs=torch.randn(2, 3, 8, 8))
         ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -333,7 +323,7 @@ def test_distributed_data_parallel_two_processes(tmp_path):
     import torch.multiprocessing as mp
 
     pattern = str(tmp_path / "rank{}.pt")
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), pattern), nprocs=2, start_method="spawn")
+    mp.start_processes(_ddp_worker, args=(2, free_port(), pattern), nprocs=2, start_method="spawn")
     p0, p1 = (torch.load(pattern.format(r), weights_only=False) for r in range(2))
     assert p0["params"].keys() == p1["params"].keys()
     assert any(k.endswith("warehouse.cells") for k in p0["params"])

@@ -61,7 +61,10 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [f"| {' | '.join(header)} |", f"| {' | '.join(align)} |", *[f"| {' | '.join(r)} |" for r in rows]]
 
 
-def _ms(seconds: float) -> str:
+def _ms(seconds: float | None) -> str:
+    """A time given in seconds, written in milliseconds ("" when absent)."""
+    if seconds is None:
+        return ""
     ms = seconds * 1e3
     return f"{ms:.0f} ms" if ms >= 100 else f"{ms:.3g} ms"
 
@@ -218,7 +221,7 @@ def quant(data: dict) -> Section:
 def compile_(data: dict) -> Section:
     """torch.compile backends: eager / inductor / lkfx latency per network and batch, lkfx against inductor."""
     tools = ["eager", "inductor", "inductor + freezing", "lkfx", "lkfx + fft_conv"]
-    rows = [[r["network"], str(r["batch"]), *(_ms(r.get(f"{t} ms")) for t in tools),
+    rows = [[r["network"], str(r["batch"]), *(_ms(_seconds(r.get(f"{t} ms"))) for t in tools),
              f"{r['lkfx / inductor speedup']:.2f}x"] for r in data["rows"]]
     lines = _md_table(["network", "batch", *tools, "inductor / lkfx (speedup)"], rows)
     goals = [f"- goal {'met' if ok else 'NOT met'}: {goal}" for goal, ok in data.get("goals", {}).items()]
@@ -227,8 +230,9 @@ def compile_(data: dict) -> Section:
                     f"{data['device']}.", "", *goals])
 
 
-def _ms(value: Any) -> str:
-    return "" if value is None else f"{value:.1f} ms"
+def _seconds(ms: float | None) -> float | None:
+    """compile.json stores milliseconds (keys ending in " ms")."""
+    return None if ms is None else ms / 1e3
 
 
 def generic(name: str, data: dict) -> Section:

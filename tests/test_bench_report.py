@@ -53,3 +53,16 @@ def test_unrunnable_benchmarks_are_skipped_with_reason(report) -> None:
         gpu = report.run_one("dwconv_gpu", quick=True)
         assert gpu.status == "skipped" and gpu.detail  # missing script, or no CUDA: either says why
     assert {"compile", "dwconv_gpu", "quant", "fold_bn_onnx"} <= set(report.benchmarks())
+
+
+def test_times_carry_their_real_unit(report) -> None:
+    """fft_conv and kernel_warehouse store seconds, compile stores milliseconds: every cell shows milliseconds."""
+    assert report._ms(0.63) == "630 ms" and report._ms(0.00123) == "1.23 ms" and report._ms(None) == ""
+    kw = {"meta": {"batch": 8, "size": 224, "threads": 1, "repeats": 3},
+          "rows": [{"model": "m", "budget": None, "params": 1e6, "paper_params_m": None, "latency_s": 0.63,
+                    "static_latency_s": 0.63}]}
+    assert "| 630 ms | 630 ms | 1.00x |" in "\n".join(report.kernel_warehouse(kw).lines)
+    row = {"network": "n", "batch": 1, "eager ms": 1462.9, "inductor ms": 87.0, "lkfx ms": 86.0,
+           "lkfx / inductor speedup": 1.01}
+    assert "| 1463 ms | 87 ms |" in "\n".join(report.compile_({"rows": [row], "size": 224, "repeats": 3,
+                                                                 "device": "cpu"}).lines)

@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean gpu-check gpu-wheels
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,17 @@ test: install
 # every benchmark (full; QUICK=1: their --quick smoke runs), then BENCHMARKS.md from benchmarks/results/*.json
 bench: install
 	$(BIN)/python benchmarks/report.py $(if $(QUICK),--quick)
+
+# on a GPU machine: CUDA tests + GPU benchmarks, results in $$OUT (else gpu-check/); exits 2 at once without CUDA.
+# The Python that has torch with CUDA (the venv's where there is one, else python3); nothing is downloaded.
+GPU_PY := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
+gpu-check:
+	$(GPU_PY) scripts/gpu_check.py
+
+# where pip can download: the pure-Python wheels gpu-check installs on a GPU machine that lacks them (into .whl/)
+gpu-wheels: install
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+		onnx-graphsurgeon==$$($(BIN)/python -c "import importlib.metadata as m; print(m.version('onnx-graphsurgeon'))")
 
 clean:
 	rm -rf $(VENV) build *.egg-info

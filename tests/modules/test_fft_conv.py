@@ -169,3 +169,19 @@ def _factors(n: int) -> list[int]:
             n //= f
         f += 1
     return out
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_channels_last_in_channels_last_out(grad, bias):
+    """A channels-last input is read as it is and the output has its layout; NCHW stays NCHW; with and without
+    autograd recording (the bias goes into the spectrum only without)."""
+    w, b = make(8, 8, (9, 9), 8, bias)
+    x = torch.randn(2, 8, 12, 12, generator=torch.Generator().manual_seed(1))
+    m = FFTConv2d(w, b, "same", 8)
+    ref = F.conv2d(x, w, b, padding="same", groups=8)
+    for inp, layout in ((x, torch.contiguous_format), (x.contiguous(memory_format=torch.channels_last),
+                                                        torch.channels_last)):
+        with torch.set_grad_enabled(grad):
+            out = m(inp)
+        assert out.is_contiguous(memory_format=layout) and rel_err(out, ref) <= TOL

@@ -27,10 +27,13 @@ from lkfx.quant import freeze_bn
 from lkfx.quant.observers import METHODS
 
 
-def data() -> tuple[torch.Tensor, ...]:
-    """(x_train, y_train, x_test, y_test): 1347 / 450 digits as (N, 1, 8, 8) floats in [0, 1]."""
+def data(size: int = 8) -> tuple[torch.Tensor, ...]:
+    """(x_train, y_train, x_test, y_test): 1347 / 450 digits as (N, 1, size, size) floats in [0, 1] (bilinear
+    upscaling from 8x8 when size > 8)."""
     digits = load_digits()
     x = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)
+    if size != 8:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
     y = torch.tensor(digits.target)
     idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=0.25, random_state=0, stratify=y)
     return x[idx_train], y[idx_train], x[idx_test], y[idx_test]
@@ -60,6 +63,47 @@ class DigitsCNN(nn.Module):
 
 def cnn() -> DigitsCNN:
     return DigitsCNN()
+
+
+def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: type = nn.ReLU6) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout),
+                         act())
+
+
+class MobileNetV1(nn.Sequential):
+    """MobileNetV1-like, for 32x32 inputs: stem 3x3 conv, six depthwise 3x3 + pointwise 1x1 blocks, ReLU6 after
+    every BN, global average pool, linear. ReLU6 piles values up at 6.0, the case the entropy calibrators must not
+    clip."""
+
+    def __init__(self, width: int = 16):
+        w = width
+        blocks = [(w, 2 * w, 1), (2 * w, 4 * w, 2), (4 * w, 4 * w, 1), (4 * w, 8 * w, 2), (8 * w, 8 * w, 1),
+                  (8 * w, 8 * w, 2)]
+        layers = [_conv_bn(1, w, 3)]
+        for cin, cout, stride in blocks:
+            layers += [_conv_bn(cin, cin, 3, stride, groups=cin), _conv_bn(cin, cout, 1)]
+        super().__init__(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8 * w, 10))
+
+
+class LargeKernelNet(nn.Module):
+    """For 32x32 inputs: stride-2 stem, `blocks` RepLK-style blocks (depthwise 31x31 - BN - ReLU - pointwise - BN,
+    + input), a strided conv, linear. The 31x31 kernels see the whole 16x16 map."""
+
+    def __init__(self, width: int = 16, kernel: int = 31, blocks: int = 1):
+        super().__init__()
+        self.stem = _conv_bn(1, width, 3, 2, act=nn.ReLU)
+        self.blocks = nn.ModuleList(nn.Sequential(_conv_bn(width, width, kernel, groups=width, act=nn.ReLU),
+                                                  nn.Conv2d(width, width, 1, bias=False), nn.BatchNorm2d(width))
+                                    for _ in range(blocks))
+        self.down = _conv_bn(width, 2 * width, 3, 2, act=nn.ReLU)
+        self.head = nn.Linear(2 * width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = F.relu(x + block(x))
+        x = self.down(x)
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

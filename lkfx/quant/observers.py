@@ -45,7 +45,9 @@ from lkfx.quant.qparams import qparams, quant_range
 
 METHODS = ("minmax", "ema", "percentile", "kl", "symmetric_kl", "js", "mse")
 OPTIONS: dict[str, Any] = {"percentile": 99.99, "bins": 2048, "search_start_scale": 0.0625, "search_end_scale": 1.0,
-                           "search_step": 0.001, "momentum": 0.01}
+                           "search_step": 0.005, "momentum": 0.01}
+MAX_CLIPPED = 0.001  # a search range clipping more than this share of the (non-zero) values is not chosen
+TOLERANCE = 0.01  # scores within this (relative) of the smallest count as equal: the widest range wins
 
 
 def _distributed() -> bool:
@@ -179,12 +181,13 @@ class HistogramObserver(Observer):
         super().__init__(**kw)
         self.method, self.size, self.percentile = method, 2 * bins, percentile
         self.scales = np.arange(search_start_scale, search_end_scale + search_step / 2, search_step)
-        self.exponent: int | None = None  # bin width is 2 ** exponent
-        self.pos = torch.zeros(self.size, dtype=torch.float64)  # pos[k]: x in [k w, (k+1) w)
-        self.neg = torch.zeros(self.size, dtype=torch.float64)  # neg[k]: x in [-(k+1) w, -k w)
-        self.zeros = torch.zeros(1, dtype=torch.float64)  # exact zeros (also counted in pos[0])
+        self.exponent: int | None = None  # bin width is w = 2 ** exponent
+        self.counts = torch.zeros(2 * self.size, dtype=torch.float64)  # [i]: x in [(i - size) w, (i + 1 - size) w)
+        self.zeros = 0.0  # exact zeros (also counted in counts[size])
         self.lo = math.inf
         self.hi = -math.inf
+        self.clipped = 0.0  # share of the values outside the last range() (0 until range() runs)
+        self.guard: str | None = None  # set by range() when the search's best range clipped too much (not chosen)
 
     def _exponent_for(self, amax: float) -> int:
         """Smallest e with amax < size * 2^e (the value amax must fall in a bin below `size`)."""
@@ -198,42 +201,43 @@ class HistogramObserver(Observer):
         return max(e, -126)
 
     def _coarsen(self, counts: torch.Tensor, steps: int) -> torch.Tensor:
-        """Counts on a grid 2^steps times coarser: bin k goes to bin k >> steps (exact, both signs)."""
+        """Counts on a grid 2^steps times coarser: bin k (from 0) goes to bin k >> steps (exact, both signs)."""
         if steps <= 0:
             return counts
-        target = torch.arange(self.size) >> min(steps, 62)
-        return counts.new_zeros(self.size).index_add_(0, target, counts)
+        target = ((torch.arange(2 * self.size) - self.size) >> min(steps, 62)) + self.size
+        return counts.new_zeros(2 * self.size).index_add_(0, target, counts)
 
     def _rebin(self, exponent: int) -> None:
         if self.exponent is not None:
-            self.pos = self._coarsen(self.pos, exponent - self.exponent)
-            self.neg = self._coarsen(self.neg, exponent - self.exponent)
+            self.counts = self._coarsen(self.counts, exponent - self.exponent)
         self.exponent = exponent
 
     def update(self, x: torch.Tensor) -> None:
+        """One pass for min / max (NaN and infinities show there: the only finiteness check), the bin index in the
+        tensor's own dtype (float32 / float64; others are read as float32) and one `bincount`, one count of exact
+        zeros."""
         if self.axis is not None:
             raise LkfxError(f"observer '{self.method}' is per tensor; use 'minmax' or 'ema' for per-channel ranges")
-        x = x.detach().reshape(-1).double()
+        x = x.detach().reshape(-1)
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
         if x.numel() == 0:
             return
-        if not torch.isfinite(x).all():
+        lo, hi = (float(v) for v in torch.aminmax(x))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             raise LkfxError(f"observer '{self.method}' got NaN or infinite values")
-        lo, hi = float(x.min()), float(x.max())
         self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
         self._rebin(max(self.exponent if self.exponent is not None else -126, self._exponent_for(max(-lo, hi))))
-        w = 2.0**self.exponent
-        pos, neg = x[x >= 0], -x[x < 0]
-        self.pos += torch.bincount(torch.floor(pos / w).long(), minlength=self.size).cpu().double()
-        self.zeros += (pos == 0).sum().item()
-        self.neg += torch.bincount(torch.ceil(neg / w).long() - 1, minlength=self.size).cpu().double()
+        index = torch.floor(x * 2.0**-self.exponent).add_(self.size).int()  # exact: scaling by a power of two
+        self.counts += torch.bincount(index, minlength=2 * self.size).cpu().double()
+        self.zeros += float((x == 0).sum())
 
     def merge(self, other: Observer) -> None:
         if other.exponent is None:
             return
         self._rebin(max(other.exponent, self.exponent if self.exponent is not None else other.exponent))
-        self.pos += other._coarsen(other.pos, self.exponent - other.exponent)
+        self.counts += other._coarsen(other.counts, self.exponent - other.exponent)
         self.zeros += other.zeros
-        self.neg += other._coarsen(other.neg, self.exponent - other.exponent)
         self.lo, self.hi = min(self.lo, other.lo), max(self.hi, other.hi)
 
     def all_reduce(self) -> None:
@@ -243,63 +247,64 @@ class HistogramObserver(Observer):
         e = all_reduce(torch.tensor([self.exponent, -self.lo, self.hi], dtype=torch.float64), "MAX")
         self._rebin(int(e[0]))
         self.lo, self.hi = -float(e[1]), float(e[2])
-        counts = all_reduce(torch.cat([self.pos, self.neg, self.zeros]))
-        self.pos, self.neg, self.zeros = counts[: self.size], counts[self.size: 2 * self.size], counts[-1:]
+        counts = all_reduce(torch.cat([self.counts, torch.tensor([self.zeros], dtype=torch.float64)]))
+        self.counts, self.zeros = counts[:-1], float(counts[-1])
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         self._require_data(self.exponent is not None)
-        w = 2.0**self.exponent
-        pos, neg = self.pos.numpy().copy(), self.neg.numpy()
+        w, size = 2.0**self.exponent, self.size
+        h = self.counts.numpy().copy()
         if self.method != "percentile":
-            pos[0] -= float(self.zeros)  # 0 is exact on every grid: a ReLU's spike of zeros must not pick the range
+            h[size] -= self.zeros  # 0 is exact on every grid: a ReLU's spike of zeros must not pick the range
         qmin, qmax = quant_range(self.bits, self.symmetric)
         signed = not self.symmetric and self.lo < 0
         if self.method == "percentile":
-            lo, hi = self._percentile_range(pos, neg, w, signed)
+            p = self.percentile / 100
+            if signed:
+                lo, hi = (_quantile(h, 1 - p) - size) * w, (_quantile(h, p) - size) * w
+            else:
+                hi = _quantile(h[size:] + h[size - 1::-1], p) * w
+                lo = -hi if self.symmetric else 0.0
         elif signed:
-            h = np.concatenate([neg[::-1], pos])
             nneg, npos = math.ceil(-self.lo / w), math.ceil(self.hi / w)
-            windows = [(self.size - math.ceil(s * nneg), self.size + math.ceil(s * npos)) for s in self.scales]
-            a, b = self._search(h, windows, qmax - qmin + 1, w, self.size)
-            lo, hi = (a - self.size) * w, (b - self.size) * w
+            windows = [(size - math.ceil(s * nneg), size + math.ceil(s * npos)) for s in self.scales]
+            a, b = self._search(h, windows, qmax - qmin + 1, w, size)
+            lo, hi = (a - size) * w, (b - size) * w
         else:
-            h = pos + neg
             amax = max(-self.lo, self.hi)
             levels = qmax + 1 if self.symmetric else qmax - qmin + 1
-            _, t = self._search(h, [(0, math.ceil(s * amax / w)) for s in self.scales], levels, w, 0)
-            hi = t * w
+            windows = [(0, math.ceil(s * amax / w)) for s in self.scales]
+            hi = self._search(h[size:] + h[size - 1::-1], windows, levels, w, 0)[1] * w
             lo = -hi if self.symmetric else 0.0
         lo, hi = max(lo, min(self.lo, 0.0)), min(hi, max(self.hi, 0.0))
+        edges = (np.arange(2 * size + 1) - size) * w
+        counts = self.counts.numpy()
+        inside = counts[(edges[:-1] >= lo) & (edges[1:] <= hi)].sum()
+        self.clipped = float(max(counts.sum() - inside, 0.0) / max(counts.sum(), 1.0))
         return torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32)
-
-    def _percentile_range(self, pos: np.ndarray, neg: np.ndarray, w: float, signed: bool) -> tuple[float, float]:
-        p = self.percentile / 100
-        if not signed:
-            hi = _quantile(pos + neg, p) * w
-            return (-hi if self.symmetric else 0.0), hi
-        h = np.concatenate([neg[::-1], pos])
-        return (_quantile(h, 1 - p) - self.size) * w, (_quantile(h, p) - self.size) * w
 
     def _search(self, h: np.ndarray, windows: list[tuple[int, int]], levels: int, w: float, zero: int
                 ) -> tuple[int, int]:
-        """The window [a, b) of bins of `h` with the smallest divergence (bin `zero` starts at value 0)."""
-        pad = max(b for _, b in windows) - len(h)
-        low = max(0, -min(a for a, _ in windows))
-        h = np.concatenate([np.zeros(low), h, np.zeros(max(pad, 0))])
-        zero += low
-        centres = (np.arange(len(h)) - zero + 0.5) * w
-        best, best_window = math.inf, None
-        for a, b in dict.fromkeys(windows):
-            a, b = a + low, b + low
-            if self.method != "mse" and b - a < levels:
-                continue
-            d = _mse(h, centres, (a - zero) * w, (b - zero) * w, levels) if self.method == "mse" \
-                else _divergence(h, a, b, levels, self.method)
-            if d < best:
-                best, best_window = d, (a - low, b - low)
-        if best_window is None:  # every window narrower than the grid: nothing is lost by keeping the full range
-            best_window = max(windows, key=lambda ab: ab[1] - ab[0])
-        return best_window
+        """The window [a, b) of bins of `h` to keep (bin `zero` starts at value 0): see `choose`."""
+        self.guard = None
+        ab = np.array(list(dict.fromkeys(windows)), dtype=np.int64).reshape(-1, 2)
+        if self.method == "mse":
+            nz = h > 0
+            centres = (np.flatnonzero(nz) - zero + 0.5) * w
+            scores = _mse(h[nz], centres, (ab[:, 0] - zero) * w, (ab[:, 1] - zero) * w, levels)
+        else:
+            wide = ab[:, 1] - ab[:, 0] >= levels
+            if not wide.any():  # every window narrower than the grid: nothing is lost by keeping the full range
+                return tuple(ab[np.argmax(ab[:, 1] - ab[:, 0])])
+            ab = ab[wide]
+            scores = _divergences(h, ab[:, 0], ab[:, 1], levels, self.method)
+        kept, best, clipped = choose(h, ab, scores)
+        if clipped[best] > MAX_CLIPPED:
+            a, b = (ab[best] - zero) * w
+            self.guard = (f"{self.method}'s best range [{a:.4g}, {b:.4g}] clips {clipped[best]:.1%} of the "
+                          f"non-zero values; kept the widest range with a score within {TOLERANCE:.0%} among those "
+                          f"clipping at most {MAX_CLIPPED:.1%} (clips {clipped[kept]:.2%})")
+        return tuple(int(v) for v in ab[kept])
 
 
 def _quantile(h: np.ndarray, p: float) -> float:
@@ -311,36 +316,74 @@ def _quantile(h: np.ndarray, p: float) -> float:
     return k + (target - before) / h[k] if h[k] > 0 else float(k)
 
 
-def _divergence(h: np.ndarray, a: int, b: int, levels: int, method: str) -> float:
-    """Divergence between P (window with clipped mass in its end bins) and Q (the window's own bins, each group's
-    mass spread over its non-zero bins; the clipped mass is not in Q, as in TensorRT). Infinite when P has mass
-    where Q has none (kl, symmetric_kl)."""
-    raw = h[a:b]
-    p = raw.copy()
-    p[0] += h[:a].sum()
-    p[-1] += h[b:].sum()
-    group = (np.arange(b - a) * levels) // (b - a)
-    nonzero = raw > 0
-    mass = np.bincount(group, raw, minlength=levels)
-    support = np.bincount(group, nonzero, minlength=levels)
-    q = np.where(nonzero, mass[group] / np.maximum(support[group], 1), 0.0)
-    keep = (p > 0) | nonzero
-    p, q = p[keep] / p.sum(), q[keep] / q.sum()
+def choose(h: np.ndarray, windows: np.ndarray, scores: np.ndarray) -> tuple[int, int, np.ndarray]:
+    """(kept, best, clipped): `best` has the smallest score (ties: the widest); `kept` is, among the windows
+    clipping at most `MAX_CLIPPED` of the mass of `h` (the widest always qualifies), the widest whose score is
+    within `TOLERANCE` (relative) of their smallest; `clipped[j]` is the share of the mass window j clips."""
+    cum = np.concatenate([[0.0], np.cumsum(h)])
+    clipped = 1 - (cum[windows[:, 1]] - cum[windows[:, 0]]) / max(cum[-1], 1e-300)
+    width = windows[:, 1] - windows[:, 0]
+
+    def widest_near(ok: np.ndarray, tolerance: float) -> int:
+        low = scores[ok].min()
+        near = np.flatnonzero(ok & (scores <= low + tolerance * abs(low)))
+        return int(near[np.argmax(width[near])])
+
+    kept = widest_near((clipped <= MAX_CLIPPED) | (width == width.max()), TOLERANCE)
+    return kept, widest_near(np.ones(len(scores), bool), 0.0), clipped
+
+
+def _divergences(h: np.ndarray, a: np.ndarray, b: np.ndarray, levels: int, method: str) -> np.ndarray:
+    """Divergence between P and Q for each window [a[j], b[j]) of bins (at least `levels` wide), all windows at
+    once (in chunks). P: the window's bins with the clipped mass added to its end bins. Q: the window's own bins
+    (without the clipped mass, as in TensorRT) cut into `levels` equal groups, each group's mass spread evenly over
+    its non-zero bins. Infinite where P has mass and Q none (kl, symmetric_kl)."""
+    cum = np.concatenate([[0.0], np.cumsum(h)])
+    n = b - a
+    out = np.empty(len(a))
+    chunk = max(1, (1 << 19) // int(n.max()))
+    for k in range(0, len(a), chunk):
+        aa, nn = a[k:k + chunk], n[k:k + chunk]
+        rows, t = np.arange(len(aa)), np.arange(int(nn.max()))
+        valid = t < nn[:, None]
+        raw = np.where(valid, h[np.minimum(aa[:, None] + t, len(h) - 1)], 0.0)
+        p = raw.copy()
+        p[:, 0] += cum[aa]
+        p[rows, nn - 1] += cum[-1] - cum[aa + nn]
+        group = np.where(valid, t * levels // nn[:, None], levels)  # invalid positions: a dump group
+        flat = (rows[:, None] * (levels + 1) + group).ravel()
+        nonzero = raw > 0
+        mass = np.bincount(flat, raw.ravel(), len(aa) * (levels + 1)).reshape(len(aa), -1)
+        support = np.bincount(flat, nonzero.ravel(), len(aa) * (levels + 1)).reshape(len(aa), -1)
+        q = np.where(nonzero, np.take_along_axis(mass / np.maximum(support, 1), group, 1), 0.0)
+        p /= p.sum(1, keepdims=True)
+        q /= np.maximum(q.sum(1, keepdims=True), 1e-300)
+        out[k:k + chunk] = _divergence_rows(p, q, method)
+    return out
+
+
+def _divergence_rows(p: np.ndarray, q: np.ndarray, method: str) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
+        lp, lq = np.log(p), np.log(q)
         if method == "js":
-            m = (p + q) / 2
-            return float((np.sum(p * np.log(p / m), where=p > 0) + np.sum(q * np.log(q / m), where=q > 0)) / 2)
-        if np.any((p > 0) != (q > 0)):
-            return math.inf
-        kl = float(np.sum(p * np.log(p / q)))
-        return kl if method == "kl" else (kl + float(np.sum(q * np.log(q / p)))) / 2
+            lm = np.log((p + q) / 2)
+            return (np.where(p > 0, p * (lp - lm), 0.0).sum(1) + np.where(q > 0, q * (lq - lm), 0.0).sum(1)) / 2
+        kl = np.where(p > 0, p * (lp - lq), 0.0).sum(1)  # p > 0 where q = 0: inf
+        if method == "kl":
+            return kl
+        return (kl + np.where(q > 0, q * (lq - lp), 0.0).sum(1)) / 2
 
 
-def _mse(h: np.ndarray, centres: np.ndarray, lo: float, hi: float, levels: int) -> float:
-    scale = max((hi - lo) / (levels - 1), 1e-30)
-    zp = np.round(-lo / scale)
-    deq = (np.clip(np.round(centres / scale) + zp, 0, levels - 1) - zp) * scale
-    return float(np.sum(h * (centres - deq) ** 2))
+def _mse(h: np.ndarray, centres: np.ndarray, lo: np.ndarray, hi: np.ndarray, levels: int) -> np.ndarray:
+    """sum h (c - fake_quant(c))^2 over bin centres c, for each range [lo[j], hi[j]] (in chunks)."""
+    out = np.empty(len(lo))
+    chunk = max(1, (1 << 19) // max(len(h), 1))
+    for k in range(0, len(lo), chunk):
+        scale = np.maximum((hi[k:k + chunk] - lo[k:k + chunk]) / (levels - 1), 1e-30)[:, None]
+        zp = np.round(-lo[k:k + chunk, None] / scale)
+        deq = (np.clip(np.round(centres / scale) + zp, 0, levels - 1) - zp) * scale
+        out[k:k + chunk] = (h * (centres - deq) ** 2).sum(1)
+    return out
 
 
 def make_observer(method: str, *, bits: int = 8, symmetric: bool = False, axis: int | None = None,

@@ -41,7 +41,7 @@ class FakeQuant(Pass):
         "bins": 2048,
         "search_start_scale": 0.0625,
         "search_end_scale": 1.0,
-        "search_step": 0.001,
+        "search_step": 0.005,
         "weight_bits": 8,
         "act_bits": 8,
         "act_symmetric": False,

@@ -79,6 +79,17 @@ class Report:
         }
 
     def __str__(self) -> str:
+        out = [self.summary()]
+        for p in self.passes:
+            for s in p.skipped:
+                out.append(f"  [{p.name}] skipped {s.where}: {s.reason}")
+            for n in p.notes:
+                out.append(f"  [{p.name}] {n}")
+        out.extend(f"  note: {n}" for n in self.notes)
+        return "\n".join(out)
+
+    def summary(self) -> str:
+        """The table of counts per pass, the before -> after statistics and the check's error."""
         rows = [("pass", "matched", "rewritten", "skipped", "seconds")]
         rows += [(p.name, str(p.matched), str(p.rewritten), str(len(p.skipped)), f"{p.seconds:.3f}")
                  for p in self.passes]
@@ -95,10 +106,4 @@ class Report:
         if self.check is not None:
             c = self.check
             out.append(f"check: max relative error {c['max_rel_error']:.3g} (tolerance {c['tolerance']:g})")
-        for p in self.passes:
-            for s in p.skipped:
-                out.append(f"  [{p.name}] skipped {s.where}: {s.reason}")
-            for n in p.notes:
-                out.append(f"  [{p.name}] {n}")
-        out.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(out)

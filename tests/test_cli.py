@@ -105,7 +105,7 @@ def test_failed_check_writes_nothing_and_exits_1(tmp_path, model_path, capsys):
 BAD_INPUTS = {
     "missing file": (lambda d: d / "missing.onnx", "does not exist"),
     "not an onnx file": (lambda d: (d / "text.onnx").write_text("this is not a model") and d / "text.onnx",
-                         "not a valid ONNX file"),
+                         "text file, not an ONNX protobuf"),
     "directory": (lambda d: d, "directory"),
 }
 

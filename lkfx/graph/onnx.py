@@ -47,11 +47,28 @@ def load(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         try:
             model = onnx.load_model_from_string(data)
         except (DecodeError, RuntimeError, ValueError) as e:
+            if _looks_like_text(data):
+                raise LkfxError(f"'{path}' is a text file, not an ONNX protobuf; give the binary .onnx file "
+                                "(onnx.save or torch.onnx.export writes one)") from e
             raise LkfxError(f"'{path}' is not a valid ONNX file (protobuf parse failed: {e}); is it truncated?") from e
         base_dir = path.resolve().parent
         _load_external_data(model, base_dir)
     validate(model)
     return model
+
+
+def _looks_like_text(data: bytes) -> bool:
+    """No control bytes but tab, newline and carriage return in the first 4 KiB: a protobuf has some (the tag and
+    length bytes of its first fields), a text file does not."""
+    head = data[:4096]
+    return bool(head) and not head.translate(None, b"\t\n\r" + bytes(range(32, 256)))
+
+
+def default_mode() -> int:
+    """The permission bits `open()` gives a new file: 0o666 less the umask (a temporary file gets 0o600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def input_files(path: str | os.PathLike) -> set[Path]:
@@ -208,9 +225,11 @@ def from_graph(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def save_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> None:
-    """Write `model` to `path` via a temporary file and rename; > 2 GB goes to `<name>.data` beside it."""
+def save_atomic(model: onnx.ModelProto, path: str | os.PathLike, mode: int | None = None) -> None:
+    """Write `model` to `path` via a temporary file and rename; > 2 GB goes to `<name>.data` beside it.
+    The files get permission bits `mode` (default: what `open()` would give, 0o666 less the umask)."""
     path = Path(path)
+    mode = default_mode() if mode is None else mode
     if path.is_dir():
         raise LkfxError(f"output path '{path}' is a directory; give a file name such as '{path / 'model.onnx'}'")
     folder = path.resolve().parent
@@ -228,6 +247,7 @@ def save_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> None:
     try:
         if big:
             _save_external(model, Path(tmp), f"{Path(tmp).name}.data")
+            os.chmod(f"{tmp}.data", mode)
             os.replace(f"{tmp}.data", folder / data_name)
             # point the model at the final data file name
             final = onnx.load_model(tmp, load_external_data=False)
@@ -239,6 +259,7 @@ def save_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> None:
         else:
             with open(tmp, "wb") as f:
                 f.write(model.SerializeToString())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)

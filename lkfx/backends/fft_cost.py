@@ -1,4 +1,4 @@
-"""FFT convolution: grid sizes (`fft_plan`) and the direct-vs-FFT cost model (`CostModel`).
+"""FFT convolution: grid sizes (`fft_plan`) and the cost model of a conv's CPU implementations (`CostModel`).
 
 Plan. A stride-1 conv with begin/end zero padding ``pb, pe`` on an ``n``-long axis reads, for output ``o``, the
 inputs ``x[o + m - pb]``, ``m < k``, and has ``n + pb + pe - k + 1`` outputs. Taps that no output can bring onto
@@ -12,29 +12,39 @@ away, which shifts the begin padding to ``s``. On a circular grid of size ``N`` 
 ``N`` is then rounded up to a fast FFT length: even and 5-smooth (2^a 3^b 5^c) for PyTorch, powers of 2 for
 ONNX Runtime, whose CPU DFT is a naive O(N^2) loop for other lengths.
 
-Cost model. Times in seconds, from the conv's shape alone; ``t0`` are fixed costs per call, ``byte_s`` the
-cost of moving one byte (a copy)::
+Cost model. Three candidates per conv, times in seconds from the conv's shape alone; ``t0`` are fixed costs per
+call, ``byte_s`` the cost of moving one byte (a copy), ``convert_s`` of moving one byte between the NCHW and the
+channels-last (NHWC) layout::
 
-    direct = t0_conv + max(MACs * mac_s[kind][k], (bytes in + out) * byte_s)
-    fft    = t0_fft + 3 t0_op
-             + (B Cin + B Cout) N M log2(N M) * (fft_s[N] + fft_s[M]) / 2    forward + inverse transforms
-             + B Cout N (M/2+1) * cmul_s          (depthwise: one complex product per frequency)
-             | B Cout Cin N (M/2+1) * cmac_s      (dense: complex matrix product per frequency)
-             + (spectrum product, padded copy, crop and bias bytes) * byte_s
+    nchw          = t0_conv + max(MACs * dw_mac_s[k], (bytes in + out) * byte_s)       [+ convert]
+    channels_last = t0_conv + max(used MACs * dw_cl_mac_s[k], (bytes in + out) * byte_s) [+ convert]
+    convert       = 2 t0_op + (bytes in + out) * convert_s     (only for the layout the neighbours do not have)
+    fft           = t0_fft + 4 t0_op
+                    + (B Cin (1 + H/N) + B Cout (1 + Ho/N)) / 2 * N M log2(N M) * (fft_s[N] + fft_s[M]) / 2
+                    + B Cout N (M/2+1) * cmul_s         (depthwise: one complex product per frequency)
+                    | B Cout Cin N (M/2+1) * cmac_s     (dense: complex matrix product per frequency)
+                    + (spectrum product, crop) bytes * byte_s
 
-``mac_s`` is a table per kernel size, because direct convs change algorithm with the kernel: on x86 CPUs
-PyTorch's depthwise conv runs ~40 GMAC/s per core up to 13x13 and ~2.5 GMAC/s from 14x14 on (oneDNN's fast
-depthwise kernel stops there), a 15x cliff that a FLOP count alone cannot see. ``fft_s`` is a table per FFT
-length (the even 5-smooth lengths up to 128), because the speed per point depends on the radices. `calibrate`
-measures every constant once per machine (device, threads, torch version) in under a second, and
+The transforms term follows `lkfx.modules.fft_conv.apply_spectrum`, which transforms the W axis of the H input
+rows and of the Ho output rows only. ``mac_s`` are tables per kernel size, because direct convs change algorithm
+with the kernel: on x86 CPUs PyTorch's NCHW depthwise conv runs ~40 GMAC/s per core up to 13x13 and ~2.5 GMAC/s
+from 14x14 on (oneDNN's fast depthwise kernel stops there), a 15x cliff that a FLOP count alone cannot see; the
+channels-last depthwise conv (oneDNN, which inductor and ``model.to(memory_format=torch.channels_last)`` use)
+has no cliff and skips the taps that fall on padding, so it is priced by the MACs that read the input
+(`taps_used`): per such MAC its rate is the same within 2x from 16x16 to 56x56 maps and 7 to 51 taps, while per
+MAC of the full window it varies 8x. Dense convs are priced with one table in both layouts. ``fft_s`` is a table
+per FFT length (the even 5-smooth lengths up to 128), because the speed per point depends on the radices.
+`calibrate` measures every constant once per machine (device, threads, torch version) in about a second, and
 `cost_model` caches them in ``$LKFX_CACHE_DIR/fft_cost.json`` (default ``~/.cache/lkfx``). The prediction
 assumes inference: the kernel spectrum is cached, as `lkfx.modules.fft_conv.FFTConv2d` does.
 
-Accuracy, measured on a loaded 2-core x86 machine against PyTorch 2.14 (depthwise, batch 8, maps 7-56): direct
-predictions 0.7-1.35x of the measured time, FFT predictions 0.5-0.8x (optimistic: the rates are measured on
-small batches, and at full size the transforms leave the caches). Hence FFT is chosen only when predicted
-``FFT_MARGIN`` (1.25x) faster. On such CPUs the decision is rarely close: from 14x14 on, direct depthwise convs
-are 5-30x slower than the FFT.
+Accuracy, measured on a loaded 2-core x86 machine against PyTorch 2.14 (depthwise, batch 1 and 8, RepLKNet and
+SLaK shapes, maps 7-56, kernels 7-51): direct predictions 0.7-1.2x of the measured time (0.3x for channels-last
+convs on 7x7 maps, where fixed costs dominate), FFT predictions 0.6-1.0x (optimistic at batch 8: the
+transforms leave the caches). Hence FFT is chosen only when predicted ``FFT_MARGIN`` (1.25x) faster than the
+better direct layout. The FFT wins at batch 1 from 28x28 maps on and at batch 8 on 56x56 maps with 31x31
+kernels or more; channels-last wins from 14x14 down to 7x7 maps, where NCHW takes over again (at 13x13
+kernels, under oneDNN's cliff).
 
 Policy: kernels below ``MIN_FFT_KERNEL`` on both sides never take the FFT path (direct and Winograd convs are
 tuned for them, and the FFT would add rounding error for nothing).
@@ -59,7 +69,7 @@ FFT_MARGIN = 1.25
 TORCH_RADICES = (2, 3, 5)
 ONNX_RADICES = (2,)
 CACHE_FILE = "fft_cost.json"
-_FORMAT = 2
+_FORMAT = 3
 
 Pads = tuple[tuple[int, int], ...]
 
@@ -112,7 +122,8 @@ def fft_plan(in_size: Sequence[int], kernel: Sequence[int], pads: Pads,
 
 @dataclass(frozen=True)
 class ConvShape:
-    """What the cost model needs to know about one conv call (2-D, stride 1)."""
+    """What the cost model needs to know about one conv call (2-D, stride 1). `channels_last`: the layout the
+    input comes in and the output must leave in (its neighbours' layout)."""
 
     batch: int
     in_channels: int
@@ -121,23 +132,45 @@ class ConvShape:
     in_size: tuple[int, int]
     kernel: tuple[int, int]
     pads: Pads
+    channels_last: bool = False
 
     @property
     def depthwise(self) -> bool:
         return self.groups == self.in_channels and self.groups > 1
 
+    @property
+    def out_size(self) -> tuple[int, int]:
+        return tuple(n + sum(p) - k + 1 for n, k, p in zip(self.in_size, self.kernel, self.pads, strict=True))
+
     def describe(self) -> str:
         kind = "depthwise" if self.depthwise else "dense"
+        layout = ", channels-last" if self.channels_last else ""
         return (f"{kind} {'x'.join(map(str, self.kernel))} on {self.batch}x{self.in_channels}x"
-                f"{'x'.join(map(str, self.in_size))}")
+                f"{'x'.join(map(str, self.in_size))}{layout}")
+
+
+def taps_used(n: int, k: int, pads: tuple[int, int]) -> int:
+    """On an `n`-long axis with (begin, end) zero `pads`: how many (output, tap) pairs read the input rather than
+    padding. Tap m reads x[o + m - begin] for the outputs o in [0, n + begin + end - k]."""
+    out = n + sum(pads) - k + 1
+    return sum(max(0, min(out, n + pads[0] - m) - max(0, pads[0] - m)) for m in range(k))
+
+
+CANDIDATES = ("nchw", "channels_last", "fft")
+LABELS = {"nchw": "NCHW direct", "channels_last": "channels-last direct", "fft": "FFT"}
 
 
 @dataclass(frozen=True)
 class Decision:
-    fft: bool
-    direct_s: float
-    fft_s: float
+    """The chosen candidate (one of `CANDIDATES`) and every candidate's predicted seconds (inf: not allowed)."""
+
+    choice: str
+    seconds: dict[str, float]
     reason: str
+
+    @property
+    def fft(self) -> bool:
+        return self.choice == "fft"
 
 
 def _lookup(table: dict[int, float], key: float) -> float:
@@ -162,73 +195,123 @@ def _interp_log(table: dict[int, float], key: float) -> float:
     raise AssertionError("unreachable: key inside the table's range")
 
 
+_TABLES = ("dw_mac_s", "dw_cl_mac_s", "dense_mac_s", "fft_s")
+_SCALARS = ("conv_t0_s", "fft_t0_s", "op_t0_s", "byte_s", "convert_s", "cmul_s", "cmac_s")
+
+
+def check_constants(constants: Any) -> dict[str, Any]:
+    """`constants` if they are a complete set of finite, non-negative numbers (tables keyed by positive ints),
+    else ValueError: a cache entry written by another version, edited or corrupt is not trusted."""
+    if not isinstance(constants, dict) or set(constants) != {*_TABLES, *_SCALARS}:
+        raise ValueError(f"expected the keys {sorted({*_TABLES, *_SCALARS})}")
+    for name in _SCALARS:
+        value = constants[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise ValueError(f"{name} = {value!r} is not a finite non-negative number")
+    for name in _TABLES:
+        table = constants[name]
+        if not isinstance(table, dict) or not table:
+            raise ValueError(f"{name} is not a non-empty table")
+        for k, v in table.items():
+            if int(k) < 1 or isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise ValueError(f"{name}[{k!r}] = {v!r} is not a finite positive number")
+    return constants
+
+
 class CostModel:
-    """Predicts the time of one conv call computed directly and by FFT, from measured `constants`."""
+    """Predicts the time of one conv call for each candidate, from measured `constants` (see the module
+    docstring)."""
 
     def __init__(self, constants: dict[str, Any]):
-        c = constants
+        c = check_constants(constants)
         self.constants = c
         self.t0 = {kind: float(c[f"{kind}_t0_s"]) for kind in ("conv", "fft", "op")}
         self.byte_s = float(c["byte_s"])
+        self.convert_s = float(c["convert_s"])
         self.cmul_s = float(c["cmul_s"])
         self.cmac_s = float(c["cmac_s"])
-        self.mac_s = {kind: {int(k): float(v) for k, v in c[f"{kind}_mac_s"].items()} for kind in ("dw", "dense")}
+        self.mac_s = {name: {int(k): float(v) for k, v in c[f"{name}_mac_s"].items()}
+                      for name in ("dw", "dw_cl", "dense")}
         self.fft_s = {int(k): float(v) for k, v in c["fft_s"].items()}  # by FFT length
 
-    def direct_seconds(self, c: ConvShape) -> float:
-        (h, w), (kh, kw) = c.in_size, c.kernel
-        ho, wo = h + sum(c.pads[0]) - kh + 1, w + sum(c.pads[1]) - kw + 1
-        macs = c.batch * c.out_channels * ho * wo * (c.in_channels // c.groups) * kh * kw
-        rate = _lookup(self.mac_s["dw" if c.depthwise else "dense"], max(kh, kw))
-        moved = 4 * c.batch * (c.in_channels * h * w + c.out_channels * ho * wo)
-        return self.t0["conv"] + max(macs * rate, moved * self.byte_s)
+    def _bytes(self, c: ConvShape) -> int:
+        """Bytes of the input and output."""
+        (h, w), (ho, wo) = c.in_size, c.out_size
+        return 4 * c.batch * (c.in_channels * h * w + c.out_channels * ho * wo)
+
+    def direct_seconds(self, c: ConvShape, channels_last: bool = False) -> float:
+        """The direct conv in NCHW or channels-last layout, converting the input and output when the
+        neighbours' layout (`c.channels_last`) is the other one."""
+        (kh, kw), (ho, wo) = c.kernel, c.out_size
+        table = "dense" if not c.depthwise else "dw_cl" if channels_last else "dw"
+        if table == "dw_cl":  # oneDNN skips the taps that fall on padding
+            taps = math.prod(taps_used(*axis) for axis in zip(c.in_size, c.kernel, c.pads, strict=True))
+        else:
+            taps = ho * wo * kh * kw
+        macs = c.batch * c.out_channels * (c.in_channels // c.groups) * taps
+        moved = self._bytes(c)
+        convert = 0.0 if channels_last == c.channels_last else 2 * self.t0["op"] + moved * self.convert_s
+        return self.t0["conv"] + max(macs * _lookup(self.mac_s[table], max(kh, kw)), moved * self.byte_s) + convert
 
     def fft_seconds(self, c: ConvShape) -> float:
         p = fft_plan(c.in_size, c.kernel, c.pads)
-        n, m = p.size
+        (n, m), (ho, wo) = p.size, p.out
         points, freqs = n * m, n * (m // 2 + 1)
-        planes = c.batch * (c.in_channels + c.out_channels) / 2  # forward + inverse transform pairs
+        # forward: along W on the H input rows, along H on all columns; inverse: along H, then W on Ho rows
+        forward = c.batch * c.in_channels * (0.5 + 0.5 * c.in_size[0] / n)
+        inverse = c.batch * c.out_channels * (0.5 + 0.5 * ho / n)
         rate = (self._fft(n) + self._fft(m)) / 2
-        transforms = planes * 2 * points * math.log2(max(points, 2)) * rate
+        transforms = (forward + inverse) * points * math.log2(max(points, 2)) * rate
         if c.groups == 1:
             mix = c.batch * c.out_channels * c.in_channels * freqs * self.cmac_s
         else:
             mix = c.batch * c.out_channels * freqs * self.cmul_s
-        moved = (8 * c.batch * (c.in_channels + c.out_channels) * freqs  # spectrum product: read, write
-                 + 4 * c.batch * (c.in_channels * (c.in_size[0] * c.in_size[1] + points)  # padded copy
-                                  + 2 * c.out_channels * p.out[0] * p.out[1]))  # crop and bias
-        return self.t0["fft"] + 3 * self.t0["op"] + transforms + mix + moved * self.byte_s
+        moved = 8 * c.batch * (c.in_channels + c.out_channels) * freqs + 8 * c.batch * c.out_channels * ho * wo
+        return self.t0["fft"] + 4 * self.t0["op"] + transforms + mix + moved * self.byte_s
 
     def _fft(self, n: int) -> float:
         return _interp_log(self.fft_s, n)
 
-    def choose(self, c: ConvShape) -> Decision:
-        """FFT when predicted FFT_MARGIN times faster, never for kernels below MIN_FFT_KERNEL on both sides."""
-        direct = self.direct_seconds(c)
+    def seconds(self, c: ConvShape) -> dict[str, float]:
+        """Predicted seconds of every candidate (the FFT: inf for kernels below MIN_FFT_KERNEL on both sides)."""
+        fft = self.fft_seconds(c) if max(c.kernel) >= MIN_FFT_KERNEL else math.inf
+        return {"nchw": self.direct_seconds(c, False), "channels_last": self.direct_seconds(c, True), "fft": fft}
+
+    def choose(self, c: ConvShape, candidates: Sequence[str] = CANDIDATES) -> Decision:
+        """Among `candidates`: the faster direct layout, or the FFT when predicted FFT_MARGIN times faster than it;
+        never the FFT for kernels below MIN_FFT_KERNEL on both sides. Ties go to the layout of the neighbours.
+        The decision keeps every candidate's predicted time, allowed or not."""
+        times = self.seconds(c)
+        order = [n for n in (("channels_last", "nchw") if c.channels_last else ("nchw", "channels_last"))
+                 if n in candidates]
+        direct = min(order, key=lambda name: times[name])
+        fft = "fft" in candidates and times["fft"] * FFT_MARGIN < times[direct]
+        choice = "fft" if fft else direct
+        listed = ", ".join(f"{LABELS[n]} {times[n] * 1e3:.3g} ms" for n in CANDIDATES if times[n] < math.inf)
+        reason = f"predicted {listed}"
         if max(c.kernel) < MIN_FFT_KERNEL:
-            return Decision(False, direct, math.inf,
-                            f"kernels below {MIN_FFT_KERNEL}x{MIN_FFT_KERNEL} always run direct")
-        fft = self.fft_seconds(c)
-        ms = f"predicted FFT {fft * 1e3:.3g} ms vs direct {direct * 1e3:.3g} ms"
-        return Decision(fft * FFT_MARGIN < direct, direct, fft, ms)
+            reason += f"; kernels below {MIN_FFT_KERNEL}x{MIN_FFT_KERNEL} never take the FFT"
+        return Decision(choice, times, reason)
 
 
 # --- calibration ---------------------------------------------------------------------------------------------
-DW_KERNELS = tuple(range(3, 34, 2))
+DW_KERNELS = (3, 5, 7, 9, 11, 13, 15, 17, 21, 25, 29, 33, 41, 51, 63)
 DENSE_KERNELS = (3, 5, 7, 9, 13, 17, 21, 25, 33)
 FFT_SIDES = tuple(n for n in range(8, 129) if fast_size(n) == n)
 
 
-def calibrate(device: str = "cpu", rounds: int = 3, target_s: float = 3e-4) -> dict[str, Any]:
-    """Measure the cost model's constants on `device` with torch's current thread count (~0.5 s on an idle CPU).
+def calibrate(device: str = "cpu", rounds: int = 3, target_s: float = 3e-4, budget_s: float = 3.0
+              ) -> dict[str, Any]:
+    """Measure the cost model's constants on `device` with torch's current thread count (~1 s on an idle CPU).
 
-    Each workload (a depthwise or dense conv per kernel size, an FFT round trip per length, a complex product,
-    a 4 MB copy) is grown by its batch until one call takes about `target_s`, then timed at that batch and at
+    Each workload (a depthwise conv per kernel size in NCHW and in channels-last layout, a dense conv per kernel
+    size, an FFT round trip per length, a complex product, a 4 MB copy, a 4 MB NCHW -> channels-last
+    conversion) is grown by its batch until one call takes about `target_s`, then timed at that batch and at
     twice it: the rate is the slope (seconds per unit of work), the intercept the fixed cost of one call (about
     50 us for a oneDNN conv), of which each kind keeps the median. Small workloads predict large ones (measured:
     a 512-plane 64x64 FFT runs at the per-point speed of a 16-plane one). All workloads are timed once per round
-    and each keeps its fastest call over `rounds` rounds: a burst of load from other processes spoils one
-    round, not one workload.
+    and each keeps its fastest call over the rounds: a burst of load from other processes spoils one round, not
+    one workload. On a loaded machine the rounds after the first stop once `budget_s` has passed.
     """
     import torch
     import torch.nn.functional as F
@@ -236,6 +319,7 @@ def calibrate(device: str = "cpu", rounds: int = 3, target_s: float = 3e-4) -> d
     dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     gen = torch.Generator().manual_seed(0)
+    cl = torch.channels_last
 
     def randn(*shape: int, dtype=torch.float32):
         return torch.randn(*shape, generator=gen, dtype=dtype).to(dev)
@@ -246,13 +330,15 @@ def calibrate(device: str = "cpu", rounds: int = 3, target_s: float = 3e-4) -> d
         sync()
         return time.perf_counter() - start
 
-    def conv(x, w, groups: int):
-        k = w.shape[-1]
-        y_numel = F.conv2d(x[:1], w, padding=k // 2, groups=groups).numel()
+    def conv(x, w, groups: int, layout=torch.contiguous_format):
+        """Work: MACs, only those reading the input (not padding) in channels-last layout, like the model."""
+        k, n = w.shape[-1], x.shape[-1]
+        taps = taps_used(n, k, (k // 2, k // 2)) ** 2 if layout == cl else n * n * k * k
+        macs = w.shape[0] * w.shape[1] * taps
 
         def make(batch: int):
-            xb = x.expand(batch, -1, -1, -1).contiguous()
-            return (lambda: F.conv2d(xb, w, padding=k // 2, groups=groups)), batch * y_numel * w.shape[1] * k * k
+            xb = x.expand(batch, -1, -1, -1).contiguous(memory_format=layout)
+            return (lambda: F.conv2d(xb, w, padding=k // 2, groups=groups)), batch * macs
         return make
 
     def fft(n: int):
@@ -265,6 +351,10 @@ def calibrate(device: str = "cpu", rounds: int = 3, target_s: float = 3e-4) -> d
         x = randn(batch, 1 << 20)
         return x.clone, 8 * x.numel()
 
+    def convert(batch: int):
+        x = randn(batch, 64, 64, 64)
+        return (lambda: x.contiguous(memory_format=cl)), 8 * x.numel()
+
     def cmul(batch: int):
         a, b = randn(batch, 16, 32, 17, dtype=torch.complex64), randn(16, 32, 17, dtype=torch.complex64)
         return (lambda: a * b), a.numel()
@@ -276,7 +366,9 @@ def calibrate(device: str = "cpu", rounds: int = 3, target_s: float = 3e-4) -> d
     # (name, key) -> (make(batch) -> (call, work), which fixed per-call cost it shares)
     workloads: dict[tuple[str, int], tuple[Callable[[int], Any], str]] = {}
     for k in DW_KERNELS:
-        workloads[("dw_mac_s", k)] = (conv(randn(1, 16, 16, 16), randn(16, 1, k, k), 16), "conv")
+        x, w = randn(1, 16, 16, 16), randn(16, 1, k, k)
+        workloads[("dw_mac_s", k)] = (conv(x, w, 16), "conv")
+        workloads[("dw_cl_mac_s", k)] = (conv(x, w, 16, cl), "conv")
     for k in DENSE_KERNELS:
         workloads[("dense_mac_s", k)] = (conv(randn(1, 16, 16, 16), randn(16, 16, k, k), 1), "conv")
     for n in FFT_SIDES:
@@ -284,7 +376,9 @@ def calibrate(device: str = "cpu", rounds: int = 3, target_s: float = 3e-4) -> d
     workloads[("cmul_s", 0)] = (cmul, "op")
     workloads[("cmac_s", 0)] = (cmac, "op")
     workloads[("byte_s", 0)] = (copy, "op")
+    workloads[("convert_s", 0)] = (convert, "op")
 
+    started = time.perf_counter()
     with torch.inference_mode():
         runs = {}  # (key, size) -> (call, work)
         for key, (make, _) in workloads.items():
@@ -296,16 +390,18 @@ def calibrate(device: str = "cpu", rounds: int = 3, target_s: float = 3e-4) -> d
                 once(fn)  # warm-up at this size (oneDNN builds a kernel per shape)
                 runs[(key, size)] = (fn, work)
         fastest = dict.fromkeys(runs, math.inf)
-        for _ in range(rounds):
+        for i in range(rounds):
+            if i and time.perf_counter() - started > budget_s:
+                break
             for run, (fn, _) in runs.items():
                 fastest[run] = min(fastest[run], once(fn))
-    out: dict[str, Any] = {"dw_mac_s": {}, "dense_mac_s": {}, "fft_s": {}}
+    out: dict[str, Any] = {name: {} for name in _TABLES}
     fixed: dict[str, list[float]] = {"conv": [], "fft": [], "op": []}
     for (name, k), (_, kind) in workloads.items():
         (t1, (_, w1)), (t2, (_, w2)) = ((fastest[((name, k), i)], runs[((name, k), i)]) for i in (0, 1))
         rate = min(max((t2 - t1) / (w2 - w1), 0.5 * t2 / w2), t2 / w2)  # slope, within noise bounds
         fixed[kind].append(max(t1 - w1 * rate, 0.0))
-        if isinstance(out.get(name), dict):
+        if name in out:
             out[name][k] = rate
         else:
             out[name] = rate
@@ -334,26 +430,23 @@ _loaded: dict[tuple[str, str], CostModel] = {}
 
 
 def cost_model(device: str = "cpu") -> CostModel:
-    """The cost model of this machine for `device`: from the cache file, or calibrated now and saved there."""
+    """The cost model of this machine for `device`: from the cache file, or calibrated now and saved there. A
+    cache file that is not JSON, has another format, or holds an entry for this machine that fails
+    `check_constants` is ignored, and the entry is measured again and rewritten (entries of other machines in a
+    readable file are kept)."""
     key = machine_key(device)
     path = cache_dir() / CACHE_FILE
     if (str(path), key) in _loaded:
         return _loaded[(str(path), key)]
     try:
         data = json.loads(path.read_text())
-        if data.get("format") != _FORMAT:
-            data = {}
     except (OSError, ValueError):
-        data = {}
-    machines = data.get("machines", {})
-    if key in machines:
-        try:
-            model = CostModel(machines[key])
-        except (KeyError, TypeError, ValueError):
-            model = None
-    else:
-        model = None
-    if model is None:
+        data = None
+    machines = data.get("machines") if isinstance(data, dict) and data.get("format") == _FORMAT else None
+    machines = machines if isinstance(machines, dict) else {}
+    try:
+        model = CostModel(machines[key])
+    except (KeyError, TypeError, ValueError):
         model = CostModel(calibrate(device))
         machines[key] = model.constants
         _write_atomic(path, json.dumps({"format": _FORMAT, "machines": machines}, indent=1))

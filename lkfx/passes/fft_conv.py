@@ -25,9 +25,18 @@ inputs included (only their shapes, from the node's ``val`` / ``tensor_meta``, a
 computed in the graph and gradients reach W and b, so the rewrite is valid for training.
 
 ``mode='auto'`` (default) asks `lkfx.backends.fft_cost.CostModel`, calibrated once per machine and cached, for
-the direct and the FFT time of each selected conv at the example batch size, and rewrites only where FFT is
-predicted at least 1.25x faster (its prediction is the optimistic one); kernels below 5x5 always stay direct.
-``mode='always'`` rewrites every selected conv. Each conv's predicted times and the decision go in the report.
+the time of each selected conv at the example batch size in each of three ways: NCHW direct, channels-last
+direct (oneDNN, no large-kernel cliff) and FFT; the FFT must be predicted at least 1.25x faster than the better
+direct layout (its prediction is the optimistic one); kernels below 5x5 never take it. Layout is planned per
+run of layout-agnostic ops (convs, BN, activations, pooling, adds: `lkfx.graph.layout`), not per conv: a run
+whose large convs with the conversions at its edges cost less channels-last than NCHW is converted to
+channels-last once on the way in and back once on the way out; a conv alone in its run that is cheaper
+channels-last even with its own two conversions gets them. Tensors already channels-last in the example run are
+not converted, so a channels-last model keeps its layout. In ATen graphs (the torch.compile backend) inductor
+lays tensors out itself, channels-last for CPU convs: there the direct candidates are priced with channels-last
+neighbours and only the FFT is a rewrite. ``mode='always'`` rewrites every selected conv to FFT. Each conv's
+chosen candidate and every candidate's predicted time go in the report (rewritten convs as notes, convs kept as
+they are as skips).
 
 ONNX: the DFT subgraph needs opset 20 (DFT with its axis as an input); older models are refused with the
 command to convert them. The transforms are power-of-2 long: onnxruntime's CPU DFT is a naive O(N^2) loop for
@@ -46,6 +55,7 @@ and is 15-65x slower on small maps (14x14 / 27x27: 21 vs 1.5 ms; 7x7 / 13x13: 5.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -108,7 +118,7 @@ class FFTConv(Pass):
     def run_fx(self, gm: Any, ctx: PassContext) -> Any:
         import torch
 
-        from lkfx.backends.fft_cost import ConvShape, cost_model, fft_plan
+        from lkfx.backends.fft_cost import ConvShape, fft_plan
         from lkfx.graph.fx import propagate_shapes
         from lkfx.modules.fft_conv import FFTConv2d, conv_pads
         from lkfx.patterns.fx import FxView
@@ -117,6 +127,7 @@ class FFTConv(Pass):
             propagate_shapes(gm, ctx.example_inputs)
         view = FxView(gm)
         report = ctx.report
+        selected = []  # (node, info, where, shape or None, FFT grid text or None)
         for node in view.candidates(frozenset(["conv"])):
             report.matched += 1
             where = view.describe(node)
@@ -137,36 +148,42 @@ class FFTConv(Pass):
             if reason:
                 report.skip(where, reason)
                 continue
-            meta = (node.args[0] if node.op == "call_module" else view.arg(node, "input")).meta.get("tensor_meta")
+            x = node.args[0] if node.op == "call_module" else view.arg(node, "input")
+            meta = x.meta.get("tensor_meta")
             in_shape = tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
             in_size = in_shape[2:] if in_shape is not None and len(in_shape) == 4 else None
             reason = self._selection_refusal(kernel, in_size)
+            if reason is None and self.config["mode"] == "auto" and in_size is None:
+                reason = ("mode='auto' needs the feature-map size for the cost model: give example_inputs (or use "
+                          "mode='always')")
             if reason:
                 report.skip(where, reason)
                 continue
+            shape = None if in_size is None else ConvShape(
+                in_shape[0], in_shape[1], weight.shape[0], info.groups, in_size, kernel, pads,
+                getattr(meta, "memory_format", None) == torch.channels_last)
             grid = _kernel_text(fft_plan(in_size, kernel, pads).size) if in_size is not None else None
-            if self.config["mode"] == "auto":
-                if in_size is None:
-                    report.skip(where, "mode='auto' needs the feature-map size for the cost model: give "
-                                       "example_inputs (or use mode='always')")
-                    continue
-                shape = ConvShape(in_shape[0], in_shape[1], weight.shape[0], info.groups, in_size, kernel, pads)
-                decision = cost_model(weight.device.type).choose(shape)
-                if not decision.fft:
-                    report.skip(where, f"{shape.describe()}: {decision.reason}; kept direct")
-                    continue
-                note = f"{shape.describe()} -> FFT {grid}: {decision.reason}"
-            else:
-                on = f" on {_kernel_text(in_size)} -> FFT {grid}" if grid else " -> FFT"
-                note = f"{_kernel_text(kernel)} kernel{on} (mode='always')"
-            if functional:
-                _fx_functional(gm, node, view, info.padding, info.groups)
-            else:
-                module = FFTConv2d(info.weight, info.bias, info.padding, info.groups)
-                module.train(info.module.training if info.module is not None else gm.training)
-                view.swap(node, module, "fft")
-            report.note(f"{where}: {note}")
+            selected.append(_Selected(node, info, where, kernel, shape, grid, weight.device.type))
+        if self.config["mode"] == "auto":
+            choices = _plan(gm, selected, report, aten=any(isinstance(c.node.target, torch._ops.OpOverload)
+                                                          for c in selected))
+        else:
+            choices = {c.node: "fft" for c in selected}
+        for c in selected:
+            if self.config["mode"] == "always":
+                on = f" on {_kernel_text(c.shape.in_size)} -> FFT {c.grid}" if c.shape else " -> FFT"
+                report.note(f"{c.where}: {_kernel_text(c.kernel)} kernel{on} (mode='always')")
+            if choices[c.node] == "kept":
+                continue
             report.rewritten += 1
+            if choices[c.node] != "fft":
+                continue
+            if isinstance(c.node.target, torch._ops.OpOverload):
+                _fx_functional(gm, c.node, view, c.info.padding, c.info.groups)
+            else:
+                module = FFTConv2d(c.info.weight, c.info.bias, c.info.padding, c.info.groups)
+                module.train(c.info.module.training if c.info.module is not None else gm.training)
+                view.swap(c.node, module, "fft")
         return view.finish() if report.modified else gm
 
     def _fx_refusal(self, view: Any, info: Any, w: Any, functional: bool) -> str | None:
@@ -248,6 +265,82 @@ class FFTConv(Pass):
         if group != 1 and w.shape[1] != 1:
             return f"group={group} with {w.shape[1]} input channels per group: only dense or depthwise convs"
         return None
+
+
+@dataclass
+class _Selected:
+    """A conv the pass may rewrite: its node, conv info, report name, kernel, shape (None without shapes), FFT
+    grid text and device."""
+
+    node: Any
+    info: Any
+    where: str
+    kernel: tuple[int, int]
+    shape: Any
+    grid: str | None
+    device: str
+
+
+def _plan(gm: Any, selected: list[_Selected], report: Any, aten: bool) -> dict[Any, str]:
+    """`mode='auto'`: how each selected conv runs ("fft": rewritten; "layout": run channels-last between
+    conversions inserted here; "kept": left as it is), its report line naming the chosen candidate and every
+    candidate's predicted time, and the layout conversions.
+
+    ATen graphs (the torch.compile backend) are laid out by inductor, which runs every CPU conv channels-last: the
+    candidates are priced with channels-last neighbours and only the FFT is a rewrite. Module graphs: each run of
+    layout-agnostic ops around selected convs (`lkfx.graph.layout`) is priced both ways: NCHW, each conv taking
+    its best candidate with NCHW neighbours (channels-last paying its own two conversions), against
+    channels-last, each conv taking the better of channels-last and FFT with channels-last neighbours (in such a
+    run an eager conv runs channels-last), plus one conversion per
+    tensor entering and leaving the run (other ops in the run, 1x1 convs, BN, activations, are taken to cost the
+    same in both layouts). The cheaper plan is applied."""
+    from lkfx.backends.fft_cost import LABELS, cost_model
+    from lkfx.graph import layout
+    from lkfx.modules.fft_conv import FFTConv2d
+
+    models = {c.node: cost_model(c.device) for c in selected}
+    own = {c.node: models[c.node].choose(replace(c.shape, channels_last=True) if aten else c.shape)
+           for c in selected}
+    in_cl = {c.node: models[c.node].choose(replace(c.shape, channels_last=True), ("channels_last", "fft"))
+             for c in selected}
+    decisions, regions = dict(own), {}
+    if not aten:
+        planned: set[Any] = set()
+        for c in selected:
+            if c.node in planned:
+                continue
+            region = layout.region_of(gm, c.node, (FFTConv2d,))
+            convs = [d.node for d in selected if d.node in region]
+            planned.update(convs)
+            entering, leaving = layout.edges(gm, region)
+            moved = [n for n in (*entering, *leaving) if not layout.is_channels_last(n)]
+            model = models[c.node]
+            convert = sum(2 * model.t0["op"] + layout.nbytes(n) * model.convert_s for n in moved)
+            as_nchw = sum(own[n].seconds[own[n].choice] for n in convs)
+            as_cl = sum(in_cl[n].seconds[in_cl[n].choice] for n in convs) + convert
+            if as_cl < as_nchw and moved:
+                layout.to_channels_last(gm, region)
+                text = (f"in a channels-last run of {len(region)} ops converted at its {len(moved)} edges (predicted "
+                        f"{as_cl * 1e3:.3g} ms for its {len(convs)} large convs and the conversions, against "
+                        f"{as_nchw * 1e3:.3g} ms in NCHW)")
+                for n in convs:
+                    decisions[n], regions[n] = in_cl[n], text
+        for c in selected:
+            if c.node not in regions and decisions[c.node].choice == "channels_last" and not c.shape.channels_last:
+                layout.to_channels_last(gm, {c.node})
+                regions[c.node] = "converted in and out"
+    choices = {}
+    for c in selected:
+        d = decisions[c.node]
+        choices[c.node] = "fft" if d.fft else "layout" if c.node in regions else "kept"
+        grid = f" {c.grid}" if d.fft else ""
+        where_run = f", {regions[c.node]}" if c.node in regions else ""
+        text = f"{c.shape.describe()} -> {LABELS[d.choice]}{grid}: {d.reason}{where_run}"
+        if choices[c.node] == "kept":
+            report.skip(c.where, f"{text}; kept as it is")
+        else:
+            report.note(f"{c.where}: {text}")
+    return choices
 
 
 def _meta_value(node: Any) -> Any:

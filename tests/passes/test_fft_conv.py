@@ -5,6 +5,7 @@ exact within 1e-5) and the ONNX rewrite (DFT subgraph, opset 20, checked in onnx
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -26,8 +27,10 @@ from lkfx.modules.fft_conv import FFTConv2d, conv_pads
 
 # A fixed machine: ~30 GMAC/s depthwise up to 13x13 then 2.5 (PyTorch's CPU cliff), dense 60, FFT ~5 G units/s.
 FIXED = {
-    "conv_t0_s": 5e-5, "fft_t0_s": 2e-5, "op_t0_s": 3e-6, "byte_s": 1e-10, "cmul_s": 1e-9, "cmac_s": 2e-10,
+    "conv_t0_s": 5e-5, "fft_t0_s": 2e-5, "op_t0_s": 3e-6, "byte_s": 1e-10, "convert_s": 3e-10, "cmul_s": 1e-9,
+    "cmac_s": 2e-10,
     "dw_mac_s": {k: 1 / (30e9 if k <= 13 else 2.5e9) for k in fft_cost.DW_KERNELS},
+    "dw_cl_mac_s": {k: 1 / 30e9 for k in fft_cost.DW_KERNELS},
     "dense_mac_s": {k: 1 / 60e9 for k in fft_cost.DENSE_KERNELS},
     "fft_s": {8: 1 / 1e9, 16: 1 / 4e9, 32: 1 / 5e9, 64: 1 / 6e9, 128: 1 / 7e9},
 }
@@ -88,11 +91,56 @@ def test_never_fft_for_3x3(fixed_costs, batch, size, channels, depthwise):
 
 
 def test_fixed_model_decisions(fixed_costs):
+    """Three candidates, each priced; the choice is the faster direct layout unless the FFT is FFT_MARGIN
+    faster; converting the layout is paid by the candidate whose layout differs from the neighbours'."""
     model = cost_model("cpu")
-    big = model.choose(shape(8, 128, 56, 31))
-    assert big.fft and big.fft_s * 5 < big.direct_s, big
-    assert not model.choose(shape(8, 128, 56, 7)).fft
-    assert "predicted FFT" in big.reason and "ms" in big.reason
+    for batch, c, size, k in ((8, 128, 56, 31), (1, 128, 56, 31), (8, 512, 14, 27), (8, 1024, 7, 13),
+                              (8, 64, 56, 51), (2, 16, 14, 5)):
+        for channels_last in (False, True):
+            d = model.choose(replace(shape(batch, c, size, k), channels_last=channels_last))
+            assert set(d.seconds) == set(fft_cost.CANDIDATES) and all(t > 0 for t in d.seconds.values())
+            direct = min(d.seconds["nchw"], d.seconds["channels_last"])
+            assert d.fft == (d.seconds["fft"] * fft_cost.FFT_MARGIN < direct), d
+            assert d.fft or d.seconds[d.choice] == direct, d
+            assert all(label in d.reason for label in fft_cost.LABELS.values()), d.reason
+    small = shape(2, 16, 14, 5)
+    assert model.choose(small).choice == "nchw", "NCHW neighbours: channels-last would pay two conversions"
+    assert model.choose(replace(small, channels_last=True)).choice == "channels_last"
+    assert model.choose(shape(8, 128, 56, 31)).choice != "nchw", "the NCHW cliff"
+    assert model.choose(shape(8, 128, 56, 31), ("channels_last", "fft")).seconds["nchw"] > 0
+
+
+def test_decisions_are_deterministic_for_a_calibration_file(tmp_path, monkeypatch):
+    """Two loads of one calibration file (another process would do the same) give the same decisions."""
+    fft_cost._loaded.clear()
+    monkeypatch.setenv("LKFX_CACHE_DIR", str(tmp_path))
+    constants = {**FIXED, "dw_cl_mac_s": {k: 1 / (20e9 + 1e8 * k) for k in fft_cost.DW_KERNELS}}
+    (tmp_path / fft_cost.CACHE_FILE).write_text(
+        json.dumps({"format": fft_cost._FORMAT, "machines": {machine_key("cpu"): constants}}))
+    grid = [shape(b, c, n, k) for b in (1, 8) for c, n in ((64, 56), (256, 28), (512, 14)) for k in (5, 13, 27, 51)]
+    first = [cost_model("cpu").choose(g) for g in grid]
+    fft_cost._loaded.clear()
+    assert [cost_model("cpu").choose(g) for g in grid] == first
+    assert len({d.choice for d in first}) >= 2
+
+
+@pytest.mark.parametrize("entry", ["missing key", "negative", "nan", "not a table"])
+def test_foreign_or_invalid_cache_entry_is_recalibrated(tmp_path, monkeypatch, one_thread, entry):
+    """Another machine's entry is kept; an entry for this machine that does not hold a complete set of finite,
+    non-negative constants (an older format, an edit, a truncated write) is measured again and replaced."""
+    fft_cost._loaded.clear()
+    monkeypatch.setenv("LKFX_CACHE_DIR", str(tmp_path))
+    bad = {"missing key": {k: v for k, v in FIXED.items() if k != "dw_cl_mac_s"},
+           "negative": {**FIXED, "byte_s": -1.0}, "nan": {**FIXED, "convert_s": float("nan")},
+           "not a table": {**FIXED, "fft_s": 3}}[entry]
+    path = tmp_path / fft_cost.CACHE_FILE
+    path.write_text(json.dumps({"format": fft_cost._FORMAT, "machines": {"other host": FIXED,
+                                                                        machine_key("cpu"): bad}}))
+    model = cost_model("cpu")
+    machines = json.loads(path.read_text())["machines"]
+    assert machines["other host"] == json.loads(json.dumps(FIXED))
+    assert machines[machine_key("cpu")] == json.loads(json.dumps(model.constants)) != json.loads(json.dumps(bad))
+    fft_cost.check_constants(machines[machine_key("cpu")])
 
 
 # --- FX ---------------------------------------------------------------------------------------------------------
@@ -191,9 +239,10 @@ def test_fx_auto_follows_the_cost_model(fixed_costs):
     x = torch.randn(8, 16, 56, 56)
     out, pr = transform(model, x, min_kernel=3)
     assert fft_modules(out) == ["0.dw"]
-    assert any("0.dw: depthwise 31x31 on 8x16x56x56 -> FFT" in n and "predicted FFT" in n for n in pr.notes)
+    assert any("0.dw: depthwise 31x31 on 8x16x56x56 -> FFT 72x72: predicted NCHW direct" in n and
+               "channels-last direct" in n for n in pr.notes), pr.notes
     why = [f"{s.where}: {s.reason}" for s in pr.skipped]
-    assert any("1.dw" in r and "predicted FFT" in r and "kept direct" in r for r in why), why
+    assert any("1.dw" in r and "-> NCHW direct: predicted" in r and "kept as it is" in r for r in why), why
     assert any("2.dw" in r and "below 5x5" in r for r in why), why
 
 
@@ -327,3 +376,57 @@ def test_onnx_from_torch_export(tmp_path):
     model = onnx.version_converter.convert_version(onnx.load(str(path)), 20)
     out, report = lkfx.transform(model, [("fft_conv", {"mode": "always"})], check=True, return_report=True)
     assert report["fft_conv"].rewritten == 2 and "Conv" not in op_types(out)
+
+
+class Head(nn.Module):
+    """Two RepLK-style stages, then a layout-sensitive head (view needs contiguous memory)."""
+
+    def __init__(self, c: int = 16, k: int = 17):
+        super().__init__()
+        self.stages = nn.Sequential(Stage(c, k), nn.BatchNorm2d(c), nn.ReLU(), Stage(c, k))
+        self.fc = nn.Linear(c * 4, 3)
+
+    def forward(self, x):
+        s = self.stages(x)
+        y = nn.functional.adaptive_avg_pool2d(s, 2)
+        return self.fc(y.view(y.shape[0], -1)), s
+
+
+@pytest.fixture
+def slow_fft(tmp_path, monkeypatch):
+    """FIXED, but an FFT too slow to win: the choice is between the two direct layouts."""
+    monkeypatch.setenv("LKFX_CACHE_DIR", str(tmp_path))
+    constants = {**FIXED, "fft_s": dict.fromkeys(FIXED["fft_s"], 1e-6)}
+    (tmp_path / fft_cost.CACHE_FILE).write_text(
+        json.dumps({"format": fft_cost._FORMAT, "machines": {machine_key("cpu"): constants}}))
+
+
+def test_fx_channels_last_run_converted_once_at_its_edges(slow_fft):
+    """NCHW model, large convs cheaper channels-last: the run of convs, BN, ReLU and adds between the input and
+    the pooling is converted once on the way in and once on the way out, not per conv; values unchanged; the
+    outputs keep their NCHW layout."""
+    torch.manual_seed(0)
+    model = Head().eval()
+    x = torch.randn(2, 16, 28, 28)
+    out, pr = transform(model, x, min_kernel=5)
+    conversions = [n for n in out.graph.nodes if n.op == "call_method" and n.target == "contiguous"]
+    assert len(conversions) == 2, out.code  # in: x; out: one for the pooling and the second output
+    assert pr.rewritten == 2 and len(pr.notes) == 2 and all("channels-last run" in n for n in pr.notes), pr.notes
+    assert all("-> channels-last direct: predicted NCHW direct" in n for n in pr.notes)
+    with torch.no_grad():
+        for got, ref in zip(out(x), model(x), strict=True):
+            assert got.is_contiguous() and max_rel_error([ref.numpy()], [got.numpy()]) <= 1e-5
+
+
+def test_fx_channels_last_model_keeps_its_layout(slow_fft):
+    """A channels-last model with a channels-last input needs no conversion: nothing is inserted, the convs are
+    reported as channels-last direct and kept as they are, the outputs stay channels-last."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Stage(16, 17), Stage(16, 17)).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 16, 28, 28).contiguous(memory_format=torch.channels_last)
+    out, pr = transform(model, x, min_kernel=5)
+    assert not any(n.op == "call_method" for n in out.graph.nodes) and pr.rewritten == 0
+    assert all("-> channels-last direct" in s.reason and "kept as it is" in s.reason
+               for s in pr.skipped if "dw" in s.where)
+    with torch.no_grad():
+        assert out(x).is_contiguous(memory_format=torch.channels_last)

@@ -9,7 +9,8 @@
    1 -> 0 over the first epochs, per iteration;
 3. prints the parameters (all; conv kernels or warehouse cells; attention) and test accuracy of each, and
    PASS when KW(1x) is within 1 point of the baseline or better (exit status 1 otherwise). Seeds and a single
-   thread make every run give the same numbers.
+   thread make runs on one machine repeat; another CPU rounds differently in its float kernels and, through
+   training, prints somewhat different accuracies (the figures in docs/kernel_warehouse.md name their machine).
 """
 
 from __future__ import annotations

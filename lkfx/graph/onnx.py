@@ -58,10 +58,10 @@ def load(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _looks_like_text(data: bytes) -> bool:
-    """No control bytes but tab, newline and carriage return in the first 4 KiB: a protobuf has some (the tag and
-    length bytes of its first fields), a text file does not."""
+    """Words in the first 4 KiB (a space, tab or newline) and no control bytes but those: a protobuf has some
+    (the tag and length bytes of its first fields), a text file does not."""
     head = data[:4096]
-    return bool(head) and not head.translate(None, b"\t\n\r" + bytes(range(32, 256)))
+    return any(c in head for c in b" \t\n") and not head.translate(None, b"\t\n\r" + bytes(range(32, 256)))
 
 
 def default_mode() -> int:

@@ -8,11 +8,11 @@
 
 Where it runs:
 - CUDA tensors: the Triton kernels of `lkfx.backends.dwconv_triton` (fp32 / fp16 / bf16, fp32 accumulation).
-- CPU tensors: ``F.conv2d``, or `lkfx.modules.fft_conv.FFTConv2d` when the stride is 1, the padding is what
-  FFTConv2d takes (symmetric, or torch's 'same') and `lkfx.backends.fft_cost`'s cost model, calibrated once
-  per machine, predicts the FFT at least 1.25x faster (on x86 CPUs: large kernels on maps from 14x14 up). The
-  kernel spectrum is computed on each call here (the cost model assumes it cached, as FFTConv2d does for a
-  module), so the choice is slightly optimistic for the FFT.
+- CPU tensors: the fastest of NCHW direct (``F.conv2d``), channels-last direct (oneDNN, converting in and out
+  when the input is NCHW) and, at stride 1, the FFT (`lkfx.modules.fft_conv.apply_spectrum`), as predicted by
+  `lkfx.backends.fft_cost`'s cost model, calibrated once per machine. The output has the input's layout
+  (channels-last in, channels-last out; the fake implementation says the same). The FFT's kernel spectrum is
+  cached per weight (tensor, storage, version: the newest 64) while no gradient must reach the weight.
 
 Gradients: registered with ``register_autograd``; the backward calls the ops ``lkfx::dwconv2d_grad_input`` and
 ``lkfx::dwconv2d_grad_weight`` (Triton on CUDA, ``aten.convolution_backward`` on the padded input on CPU), so
@@ -26,6 +26,7 @@ inputs x, weight, bias (always three: a conv without bias gets zeros).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -34,34 +35,61 @@ import torch.nn.functional as F
 from lkfx.backends.dwconv_plugin import PLUGIN_DOMAIN, PLUGIN_NAME, output_size, plugin_node_attrs
 
 
-def _torch_padding(kernel: Sequence[int], padding: Sequence[int]) -> str | tuple[int, int] | None:
-    """The nn.Conv2d-style padding equal to `padding`, or None when there is none (asymmetric, not 'same')."""
-    pt, pl, pb, pr = padding
-    if (pt, pl) == (pb, pr):
-        return (pt, pl)
-    if all(b == (k - 1) // 2 and e == k - 1 - b for k, b, e in zip(kernel, (pt, pl), (pb, pr), strict=True)):
-        return "same"
-    return None
-
-
 def _pad(x: torch.Tensor, padding: Sequence[int]) -> torch.Tensor:
     pt, pl, pb, pr = padding
     return F.pad(x, (pl, pr, pt, pb)) if any(padding) else x
 
 
-def _cpu_forward(x, weight, bias, stride, padding):
-    kernel = tuple(weight.shape[2:])
-    torch_pad = _torch_padding(kernel, padding)
-    if tuple(stride) == (1, 1) and torch_pad is not None and max(kernel) > 1 and x.is_floating_point():
-        from lkfx.backends.fft_cost import ConvShape, cost_model
-        from lkfx.modules.fft_conv import FFTConv2d, conv_pads
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
+
+_SPECTRA: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}  # spectra of weights no gradient reaches, newest last
+_SPECTRA_KEPT = 64
+
+
+def _spectrum(weight: torch.Tensor, plan, dtype: torch.dtype) -> torch.Tensor:
+    """The weight's kernel spectrum, cached while no gradient must reach it: keyed by the tensor (held weakly, so
+    a new tensor reusing a dead one's id and memory is not mistaken for it), its storage and its version."""
+    from lkfx.modules.fft_conv import kernel_spectrum
+
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return kernel_spectrum(weight, plan, dtype, weight.shape[0])
+    key = (id(weight), weight.data_ptr(), weight._version, plan, dtype, torch.is_inference_mode_enabled())
+    ref, spec = _SPECTRA.get(key, (None, None))
+    if ref is None or ref() is not weight:
+        while len(_SPECTRA) >= _SPECTRA_KEPT:
+            del _SPECTRA[next(iter(_SPECTRA))]
+        spec = kernel_spectrum(weight, plan, dtype, weight.shape[0])
+        _SPECTRA[key] = (weakref.ref(weight), spec)
+    return spec
+
+
+def _cpu_forward(x, weight, bias, stride, padding):
+    """The cost model's choice among NCHW direct, channels-last direct and (stride 1) FFT; the output has the
+    input's layout."""
+    from lkfx.backends.fft_cost import CANDIDATES, ConvShape, cost_model, fft_plan
+    from lkfx.modules.fft_conv import apply_spectrum
+
+    pt, pl, pb, pr = padding
+    kernel = tuple(weight.shape[2:])
+    layout = torch.channels_last if _channels_last(x) else torch.contiguous_format
+    choice = "channels_last" if layout == torch.channels_last else "nchw"
+    if x.is_floating_point() and max(kernel) > 1 and all(p <= k - 1 for p, k in zip(padding, kernel * 2, strict=True)):
         shape = ConvShape(x.shape[0], x.shape[1], x.shape[1], x.shape[1], tuple(x.shape[2:]), kernel,
-                          conv_pads(torch_pad, kernel))
-        if all(p <= k - 1 for k, pair in zip(kernel, shape.pads, strict=True) for p in pair) and \
-                cost_model("cpu").choose(shape).fft:
-            return FFTConv2d(weight, bias, torch_pad, groups=x.shape[1])(x)
-    return F.conv2d(_pad(x, padding), weight, bias, tuple(stride), groups=x.shape[1])
+                          ((pt, pb), (pl, pr)), layout == torch.channels_last)
+        allowed = CANDIDATES if tuple(stride) == (1, 1) else ("nchw", "channels_last")  # stride 2: priced at 1
+        choice = cost_model("cpu").choose(shape, allowed).choice
+    if choice == "fft":
+        plan = fft_plan(tuple(x.shape[2:]), kernel, shape.pads)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return apply_spectrum(x, _spectrum(weight, plan, dtype), bias, plan, x.shape[1])
+    x = x.contiguous(memory_format=torch.channels_last if choice == "channels_last" else torch.contiguous_format)
+    if (pt, pl) == (pb, pr):
+        y = F.conv2d(x, weight, bias, tuple(stride), (pt, pl), groups=x.shape[1])
+    else:
+        y = F.conv2d(_pad(x, padding), weight, bias, tuple(stride), groups=x.shape[1])
+    return y.contiguous(memory_format=layout)
 
 
 def _check(x, weight, bias, stride, padding) -> None:
@@ -99,7 +127,8 @@ def dwconv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s
 def _(x, weight, bias, stride, padding):
     _check(x, weight, bias, stride, padding)
     oh, ow = output_size(x.shape[2:], weight.shape[2:], stride, padding)
-    return x.new_empty((x.shape[0], x.shape[1], oh, ow))
+    layout = torch.channels_last if _channels_last(x) else torch.contiguous_format
+    return x.new_empty((x.shape[0], x.shape[1], oh, ow)).contiguous(memory_format=layout)
 
 
 @torch.library.custom_op("lkfx::dwconv2d_grad_input", mutates_args=())

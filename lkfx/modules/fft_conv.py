@@ -127,7 +127,7 @@ def kernel_spectrum(weight: torch.Tensor, plan: FFTPlan, dtype: torch.dtype, gro
     n, m = plan.size
     k = weight[:, :, h0:h1, w0:w1].to(dtype)
     k = nn.functional.pad(k, (0, m - k.shape[3], 0, n - k.shape[2]))
-    spec = torch.fft.rfft2(torch.roll(k, (-plan.shift[0], -plan.shift[1]), (2, 3))).conj()
+    spec = torch.fft.rfft2(torch.roll(k, (-plan.shift[0], -plan.shift[1]), (2, 3))).conj_physical()
     if groups > 1:
         spec = spec.reshape(groups, -1, *spec.shape[2:])
     return spec

@@ -120,3 +120,49 @@ def test_onnx_export_to_the_plugin_node_runs_in_onnxruntime(bias):
 def test_bad_arguments_are_refused_before_any_kernel_runs(x_shape, w_shape, stride, pads):
     with pytest.raises(ValueError, match="lkfx::dwconv2d"):
         torch.ops.lkfx.dwconv2d(torch.randn(x_shape), torch.randn(w_shape), None, stride, pads)
+
+
+def _costs(fast: str) -> dict:
+    """Calibration constants under which candidate `fast` is by far the cheapest for a 9x9 kernel or larger."""
+    slow, quick = 1e-6, 1e-15
+    tables = {"dw_mac_s": slow, "dw_cl_mac_s": slow, "fft_s": slow}
+    tables[{"nchw": "dw_mac_s", "channels_last": "dw_cl_mac_s", "fft": "fft_s"}[fast]] = quick
+    from lkfx.backends import fft_cost
+
+    keys = {"dw_mac_s": fft_cost.DW_KERNELS, "dw_cl_mac_s": fft_cost.DW_KERNELS, "fft_s": (8, 128)}
+    return {"conv_t0_s": 0.0, "fft_t0_s": 0.0, "op_t0_s": 0.0, "byte_s": 0.0, "convert_s": 0.0, "cmul_s": 0.0,
+            "cmac_s": 0.0, "dense_mac_s": {3: 1e-9}, **{k: dict.fromkeys(keys[k], v) for k, v in tables.items()}}
+
+
+@pytest.mark.parametrize("candidate", ["nchw", "channels_last", "fft"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_every_cpu_candidate_computes_the_conv_in_the_input_layout(tmp_path, monkeypatch, candidate,
+                                                                    channels_last):
+    """With a calibration file that makes each candidate the choice in turn: the same values (fp32 <= 1e-5
+    relative), output in the input's layout, gradients through the op equal."""
+    import json
+
+    from lkfx.backends import fft_cost
+
+    monkeypatch.setenv("LKFX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(fft_cost, "_loaded", {})
+    (tmp_path / fft_cost.CACHE_FILE).write_text(json.dumps(
+        {"format": fft_cost._FORMAT, "machines": {fft_cost.machine_key("cpu"): _costs(candidate)}}))
+    shape = fft_cost.ConvShape(2, 6, 6, 6, (14, 12), (11, 9), ((5, 5), (3, 5)), channels_last)
+    assert fft_cost.cost_model("cpu").choose(shape).choice == candidate
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 14, 12, generator=gen)
+    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    w, b = torch.randn(6, 1, 11, 9, generator=gen), torch.randn(6, generator=gen)
+    pads = (5, 3, 5, 5)
+    ref = _reference(x, w, b, (1, 1), pads)
+    with torch.no_grad():
+        for _ in range(2):  # the second FFT call reads the cached spectrum
+            y = torch.ops.lkfx.dwconv2d(x, w, b, [1, 1], list(pads))
+            assert _rel(y, ref) <= TOL
+            assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    g = torch.randn(ref.shape, generator=gen)
+    got = torch.autograd.grad(torch.ops.lkfx.dwconv2d(xg, wg, b, [1, 1], list(pads)), (xg, wg), g)
+    want = torch.autograd.grad(_reference(xg, wg, b, (1, 1), pads), (xg, wg), g)
+    assert all(_rel(a, e) <= TOL for a, e in zip(got, want, strict=True))

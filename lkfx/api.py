@@ -80,10 +80,21 @@ def _run(p: Pass, fn, graph, ctx: PassContext, where: str):
         return fn(graph, ctx)
     except LkfxError:
         raise
+    except ModuleNotFoundError as e:  # an optional dependency this pass needs is not installed: not a bug
+        package = (e.name or "").split(".")[0]
+        if not package or package == "lkfx":
+            raise PassError(f"pass '{p.name}' failed on {where}: {type(e).__name__}: {e}") from e
+        extra = _EXTRAS.get(package)
+        how = f"pip install 'lkfx[{extra}]'" if extra else f"install '{package}'"
+        raise LkfxError(f"pass '{p.name}' needs the Python package '{package}', which is not installed: {how}") from e
     except Exception as e:
         raise PassError(f"pass '{p.name}' failed on {where}: {type(e).__name__}: {e}") from e
     finally:
         ctx.report.seconds += time.perf_counter() - start
+
+
+_EXTRAS = {"torch": "torch", "onnx": "onnx", "onnxruntime": "onnx", "onnx_graphsurgeon": "onnx", "triton": "triton",
+           "tensorrt": "tensorrt"}  # top-level package -> the extra of pyproject.toml that installs it
 
 
 def _require(passes: list[Pass], frontend: str) -> None:

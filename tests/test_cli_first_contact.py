@@ -105,3 +105,16 @@ def test_nothing_to_rewrite_says_why(tmp_path):
     assert res.returncode == 0
     assert "nothing to rewrite: merge_reparam, fold_bn found no match" in res.stdout
     assert "no BatchNormalization node: already folded by the exporter?" in res.stdout
+
+
+def test_a_missing_optional_package_is_a_usage_error(tmp_path):
+    """With the [onnx] extra only, a pass that needs torch says which install gives it (exit 2, not a bug report)."""
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.zeros((4, 1, 8, 8), np.float32))
+    code = ("import sys; sys.modules['torch'] = None; from lkfx.cli import main; "
+            f"sys.exit(main(['optimize', {str(TRAIN)!r}, '-o', {str(tmp_path / 'q.onnx')!r}, '-p', 'fake_quant', "
+            f"'--calib-data', {str(calib)!r}]))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 2 and not (tmp_path / "q.onnx").exists()
+    assert res.stderr.strip() == ("lkfx: error: pass 'fake_quant' needs the Python package 'torch', which is not "
+                                  "installed: pip install 'lkfx[torch]'")

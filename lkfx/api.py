@@ -138,7 +138,8 @@ def _transform_module(model, passes, example_inputs, inplace, check, leaf_module
             raise
         report.notes.append(f"{e}; rewrote each traceable submodule instead")
         inputs = gfx.submodule_inputs(work, example_inputs) if example_inputs is not None else {}
-        _rewrite_children(work, "", run_all, inputs, leaf_modules, report)
+        hidden = f"inside {type(model).__name__}, which torch.fx cannot trace ({e.detail})"
+        _rewrite_children(work, "", run_all, inputs, leaf_modules, report, passes, hidden)
         result = work
     else:
         result = run_all(gm, example_inputs, type(model).__name__)
@@ -149,25 +150,43 @@ def _transform_module(model, passes, example_inputs, inplace, check, leaf_module
     return result, report
 
 
-def _rewrite_children(module, prefix, run_all, inputs, leaf_modules, report) -> None:
+def _rewrite_children(module, prefix, run_all, inputs, leaf_modules, report, passes, hidden) -> None:
+    """Rewrite each child of `module` that torch.fx can trace; recurse into those it cannot. `hidden` says why the
+    modules no traced graph holds are not seen: each one a pass accounts for (`Pass.fx_subjects`) is listed as
+    skipped with it. Skips from a child's graph are prefixed with the child's name."""
     from lkfx.graph import fx as gfx
 
     for name, child in module.named_children():
         full = f"{prefix}{name}"
-        if not list(child.children()):
+        if not list(child.children()) or any(isinstance(child, p.fx_subjects()) for p in passes):
+            _skip_hidden(child, full, passes, report, hidden)
             continue  # a single layer: nothing to pair it with at this level
         try:
             gm = gfx.trace(child, leaf_modules)
         except gfx.TraceError as e:
             report.notes.append(f"{full}: {e}")
-            _rewrite_children(child, f"{full}.", run_all, inputs, leaf_modules, report)
+            _rewrite_children(child, f"{full}.", run_all, inputs, leaf_modules, report, passes,
+                              f"inside {full}, which torch.fx cannot trace ({e.detail})")
             continue
         before = sum(p.rewritten for p in report.passes)
+        seen = {id(pr): len(pr.skipped) for pr in report.passes}
         new = run_all(gm, inputs.get(full), full)
+        for pr in report.passes:
+            for s in pr.skipped[seen.get(id(pr), 0):]:
+                s.where, s.node = f"{full}: {s.where}", s.node and f"{full}.{s.node}"
         if sum(p.rewritten for p in report.passes) > before:
             new.training = child.training
             _keep_attributes(child, new)
             setattr(module, name, new)
+
+
+def _skip_hidden(module, path, passes, report, why) -> None:
+    for p in passes:
+        for name, m in module.named_modules(prefix=path):
+            if isinstance(m, p.fx_subjects()):
+                pr = _pass_report(report, p)
+                pr.matched += 1
+                pr.skip(name, why, node=name)
 
 
 def _keep_attributes(old, new) -> None:
@@ -185,19 +204,57 @@ def _keep_attributes(old, new) -> None:
 def _check_module(reference, result, example_inputs, tol, report) -> None:
     import torch
 
-    from lkfx.compare import max_rel_error
     from lkfx.graph import fx as gfx
 
-    outs = []
-    for m in (reference, result):
+    def outputs(m, inputs, float64=False):
         m = copy.deepcopy(m).eval()
         with torch.no_grad():
-            outs.append(gfx.flat_outputs(m(*example_inputs)))
-    err = max_rel_error(*outs)
-    report.check = {"max_rel_error": err, "tolerance": tol, "passed": err <= tol}
-    if not err <= tol:
-        raise CheckError(f"outputs differ after {[p.name for p in report.passes]}: max relative error {err:.3g} "
-                         f"> tolerance {tol:g}")
+            return gfx.flat_outputs((m.double() if float64 else m)(*inputs))
+
+    def float64():
+        inputs = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                       for x in example_inputs)
+        try:
+            return outputs(reference, inputs, float64=True), None
+        except Exception as e:  # an op without a float64 kernel, a dtype fixed in the forward, ...
+            return None, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+
+    ref, out = outputs(reference, example_inputs), outputs(result, example_inputs)
+    _judge(ref, out, tol, float64, report, "outputs differ", [p.name for p in report.passes])
+
+
+def _judge(ref, out, tol, float64, report, what, names) -> None:
+    """Pass when the rewritten model's outputs `out` are within `tol` of the original's `ref` (max relative error).
+
+    Otherwise judge against a float64 run of the original (`float64()` returns (outputs, None), or (None, why not)):
+    float32 rounding in a deep network can move the outputs by more than `tol` between two exact programs, so the
+    rewrite fails only when it is further from the float64 outputs than rounding explains: more than twice as far
+    as the original float32 model, plus `tol` (``rewritten > 2 * original + tol``). The factor 2: two exact
+    float32 programs have errors of the same size but not the same errors (efficientnetv2_rw_t, batch 1, 64 x 64,
+    onnxruntime: original 1.16e-3 from float64, the folded model 1.79e-3; a folded model in float64 6.8e-5). Without
+    a float64 run the float32 rule stands, and the report says so.
+
+    Within `tol` in float32 implies this (triangle inequality), so the float64 run is made only when the float32
+    outputs differ by more than `tol`: the check costs nothing more when they agree.
+    """
+    from lkfx.compare import max_rel_error
+
+    err = max_rel_error(ref, out)
+    report.check = check = {"max_rel_error": err, "tolerance": tol, "passed": err <= tol}
+    if err <= tol:
+        return
+    ref64, why = float64()
+    if ref64 is None:
+        check["note"] = f"no float64 run of the original ({why}); judged against the original in float32"
+        raise CheckError(f"{what} after {names}: max relative error {err:.3g} > tolerance {tol:g} "
+                         f"({check['note']})")
+    original, rewritten = max_rel_error(ref64, ref), max_rel_error(ref64, out)
+    check.update(reference="float64", original_error=original, rewritten_error=rewritten,
+                 passed=rewritten <= 2 * original + tol)
+    if not check["passed"]:
+        raise CheckError(f"{what} after {names}: the rewritten model is {rewritten:.3g} from a float64 run of the "
+                         f"original, the original itself {original:.3g}: more than twice as far, plus the tolerance "
+                         f"{tol:g} (max relative error between them {err:.3g})")
 
 
 # --- ONNX -------------------------------------------------------------------------------------------------
@@ -230,12 +287,9 @@ def _transform_onnx(source, passes, example_inputs, inplace, check, calib_data):
     report.after = gonnx.stats(out)
     if check:
         feeds = feeds if feeds is not None else gonnx.random_inputs(model)
-        err = _compare_onnx(model, out, feeds)
-        tol = _tolerance(passes) * gonnx.precision_ratio(model)
-        report.check = {"max_rel_error": err, "tolerance": tol, "passed": err <= tol}
-        if not err <= tol:
-            raise CheckError(f"onnxruntime outputs differ after {[p.name for p in passes]}: max relative error "
-                             f"{err:.3g} > tolerance {tol:g}")
+        ref, got = _run_onnx_pair(model, out, feeds)
+        _judge(ref, got, _tolerance(passes) * gonnx.precision_ratio(model), lambda: gonnx.run_float64(model, feeds),
+               report, "onnxruntime outputs differ", [p.name for p in passes])
     if inplace and isinstance(source, onnx.ModelProto):
         source.CopyFrom(out)
         out = source
@@ -256,9 +310,8 @@ def _gc_paused():
             gc.enable()
 
 
-def _compare_onnx(model, out, feeds) -> float:
+def _run_onnx_pair(model, out, feeds) -> tuple[list, list]:
     """The input model must run in onnxruntime for a check (bad input otherwise); the result must too (a bug)."""
-    from lkfx.compare import max_rel_error
     from lkfx.graph import onnx as gonnx
 
     try:
@@ -273,4 +326,4 @@ def _compare_onnx(model, out, feeds) -> float:
         got = gonnx.run(out, feeds)
     except Exception as e:
         raise PassError(f"onnxruntime cannot run the rewritten model (a bug in lkfx): {gonnx.one_line(e)}") from e
-    return max_rel_error(ref, got)
+    return ref, got

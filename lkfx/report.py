@@ -13,6 +13,7 @@ from typing import Any
 class Skip:
     where: str
     reason: str
+    node: str = ""  # the node the pass is about (fold_bn: the BatchNorm), so that they can be counted
 
 
 @dataclass
@@ -29,8 +30,8 @@ class PassReport:
     def modified(self) -> bool:
         return self.rewritten > 0
 
-    def skip(self, where: str, reason: str) -> None:
-        self.skipped.append(Skip(where, reason))
+    def skip(self, where: str, reason: str, node: str = "") -> None:
+        self.skipped.append(Skip(where, reason, node))
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -42,7 +43,8 @@ class PassReport:
             "matched": self.matched,
             "rewritten": self.rewritten,
             "modified": self.modified,
-            "skipped": [{"where": s.where, "reason": s.reason} for s in self.skipped],
+            "skipped": [{"where": s.where, "reason": s.reason} | ({"node": s.node} if s.node else {})
+                        for s in self.skipped],
             "notes": list(self.notes),
             "seconds": round(self.seconds, 6),
         }
@@ -106,4 +108,10 @@ class Report:
         if self.check is not None:
             c = self.check
             out.append(f"check: max relative error {c['max_rel_error']:.3g} (tolerance {c['tolerance']:g})")
+            if "original_error" in c:
+                out.append(f"check: from a float64 run of the original: original {c['original_error']:.3g}, "
+                           f"rewritten {c['rewritten_error']:.3g} ({'passed' if c['passed'] else 'failed'}: "
+                           "fails beyond twice the original's, plus the tolerance)")
+            if "note" in c:
+                out.append(f"check: {c['note']}")
         return "\n".join(out)

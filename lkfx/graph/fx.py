@@ -2,12 +2,13 @@
 
 `trace` names the module where symbolic tracing failed and suggests ``leaf_modules=``; `submodule_inputs`
 records what each submodule received on example inputs, for the per-submodule fallback used when the whole
-model cannot be traced.
+model cannot be traced. Conv-like modules (`conv_like`) are kept whole, as leaves.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,7 +26,7 @@ class _Tracer(fx.Tracer):
         self.stack: list[str] = []
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
+        return isinstance(m, self.leaf_types) or conv_like(m) or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
         # Popped only on success: when tracing fails, the stack still ends with the module that failed.
@@ -36,7 +37,57 @@ class _Tracer(fx.Tracer):
 
 
 class TraceError(LkfxError):
-    pass
+    """`detail` says where tracing failed and why: ``in <module>: <error>``."""
+
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(message)
+        self.detail = detail
+
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_conv_like: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def conv_like(m: nn.Module) -> bool:
+    """True for a subclass of nn.Conv1d/2d/3d with its own ``forward`` that returns the convolution of its own
+    ``weight`` and ``bias`` parameters, unchanged; what it does to its input first does not matter (timm's
+    Conv2dSame pads it by an amount computed from its size, which torch.fx cannot trace). Its output is then
+    ``conv(g(x), W, b)``, linear in (W, b) per output channel, so a BatchNorm after it folds into W and b exactly.
+
+    Decided from the forward's ATen graph (`make_fx`, weight and bias passed in as inputs) on a small zero input,
+    once per module: timm's StdConv2d, which standardises its weight first, is not conv-like.
+    """
+    base = next((b for b in type(m).__mro__ if b in _CONVS), None)
+    if base is None or type(m).forward is base.forward:
+        return False
+    if m not in _conv_like:
+        _conv_like[m] = _probe_conv_like(m)
+    return _conv_like[m]
+
+
+def _probe_conv_like(m: nn.Module) -> bool:
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    names = ["weight"] + (["bias"] if isinstance(m.bias, torch.Tensor) else [])
+    size = [(k - 1) * d + s + 2 for k, d, s in zip(m.kernel_size, m.dilation, m.stride, strict=True)]
+    x = torch.zeros(1, m.in_channels, *size, dtype=m.weight.dtype, device=m.weight.device)
+
+    def forward(x, *params):
+        return torch.func.functional_call(m, dict(zip(names, params, strict=True)), (x,))
+
+    try:
+        with torch.no_grad(), buffers_restored(m):
+            g = make_fx(forward)(x, *(getattr(m, n) for n in names)).graph
+    except Exception:  # a forward that cannot run on this input is not one we can reason about
+        return False
+    nodes = list(g.nodes)
+    params = [n for n in nodes if n.op == "placeholder"][1:]
+    out = nodes[-1].args[0]
+    if not (isinstance(out, fx.Node) and out.target is torch.ops.aten.convolution.default):
+        return False
+    bias = params[1] if len(params) > 1 else None
+    return out.args[1] is params[0] and out.args[2] is bias and all(len(p.users) == 1 for p in params) \
+        and not out.args[6]  # not transposed
 
 
 def trace(model: nn.Module, leaf_modules: Iterable[type] = ()) -> fx.GraphModule:
@@ -49,9 +100,10 @@ def trace(model: nn.Module, leaf_modules: Iterable[type] = ()) -> fx.GraphModule
     except Exception as e:  # symbolic tracing raises many kinds of errors
         where = tracer.stack[-1] if tracer.stack else "the top-level forward"
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        detail = f"in {where or 'the top-level forward'}: {msg}"
         raise TraceError(
-            f"torch.fx cannot trace {type(model).__name__} (in {where or 'the top-level forward'}: {msg}); "
-            "make that module a leaf with leaf_modules=[...] or pass a traceable model"
+            f"torch.fx cannot trace {type(model).__name__} ({detail}); "
+            "make that module a leaf with leaf_modules=[...] or pass a traceable model", detail
         ) from e
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 

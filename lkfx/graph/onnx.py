@@ -368,3 +368,55 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray
             return sess.run(None, feeds)
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     return sess.run(None, feeds)
+
+
+_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+
+
+def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` computing in float64: float initializers, constant tensors (Constant, ConstantOfShape),
+    Cast targets and the declared types of graph inputs, outputs and intermediate values become double."""
+    from onnx import numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+
+    def widen(t: onnx.TensorProto) -> None:
+        if t.data_type in _FLOATS:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float64), t.name))
+
+    for t in g.initializer:
+        widen(t)
+    for node in g.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                widen(a.t)
+            elif node.op_type == "Cast" and a.name == "to" and a.i in _FLOATS:
+                a.i = onnx.TensorProto.DOUBLE
+    for v in (*g.input, *g.output, *g.value_info):
+        if v.type.tensor_type.elem_type in _FLOATS:
+            v.type.tensor_type.elem_type = onnx.TensorProto.DOUBLE
+    return out
+
+
+def run_float64(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> tuple[list | None, str | None]:
+    """`model` run in float64 (`to_float64`) on `feeds` widened to float64: in onnxruntime, else, where its CPU
+    kernels lack float64 (Conv has none), in onnx's reference evaluator (numpy). Returns (outputs, None), or
+    (None, why) when neither can run it."""
+    wide = to_float64(model)
+    feeds = {k: v.astype(np.float64) if np.issubdtype(v.dtype, np.floating) else v for k, v in feeds.items()}
+    try:
+        return run(wide, feeds), None
+    except Exception as e:  # onnxruntime: no float64 kernel for an op (NOT_IMPLEMENTED), or another refusal
+        ort_error = one_line(e, 150)
+    try:
+        import warnings
+
+        from onnx.reference import ReferenceEvaluator
+
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")  # e.g. overflow in the unused branch of Sigmoid
+            return list(ReferenceEvaluator(wide).run(None, feeds)), None
+    except Exception as e:  # an op the reference evaluator lacks (custom domains), a subgraph, ...
+        return None, f"onnxruntime: {ort_error}; onnx reference evaluator: {one_line(e, 150)}"

@@ -61,6 +61,11 @@ class Pass:
         """Module types of `model` that torch.fx must keep whole (one call_module node) for this pass."""
         return ()
 
+    def fx_subjects(self) -> tuple[type, ...]:
+        """Module types this pass accounts for (fold_bn: BatchNorms). In the per-submodule fallback, each one that
+        no traced graph holds is listed as skipped, with the module torch.fx could not trace."""
+        return ()
+
     def run_fx(self, gm: Any, ctx: PassContext) -> Any:
         raise NotImplementedError
 

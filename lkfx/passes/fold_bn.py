@@ -39,16 +39,22 @@ class FoldBN(Pass):
     summary = "Fold inference BatchNorm into the conv / linear before it (or after it, when exact)."
     options = {"before": True}
 
+    def fx_subjects(self) -> tuple[type, ...]:
+        import torch.nn as nn
+
+        return (nn.modules.batchnorm._BatchNorm,)
+
     # --- torch.fx -----------------------------------------------------------------------------------
     def run_fx(self, gm: Any, ctx: PassContext) -> Any:
         import torch
 
         from lkfx.graph.fx import propagate_shapes
-        from lkfx.patterns.fx import FxView
+        from lkfx.patterns.fx import FxView, is_metadata_read
 
         if ctx.example_inputs is not None:
             propagate_shapes(gm, ctx.example_inputs)
         view = FxView(gm)
+        refused: set[Any] = set()  # BN nodes a rule refused (listed in the report with the reason)
 
         def f64(t):
             return None if t is None else t.detach().to(torch.float64)
@@ -103,16 +109,24 @@ class FoldBN(Pass):
             _erase(gm, bn)
             return _shared_note(shared)
 
-        def before_check(m) -> str | None:
-            if computed := view.computed_conv_args(m["conv"]):
+        def readers(bn) -> list:
+            return [u for u in bn.out.users if not is_metadata_read(u)]
+
+        def reader_refusal(node, bn) -> str | None:
+            """Why `bn` cannot fold into `node`, one of the nodes reading it, or None."""
+            if view.kind(node) not in ("conv", "linear", "conv_like") or view.input_node(node, 0) is not bn.node:
+                return "it is not a conv / linear reading the BatchNorm as its input"
+            if computed := view.computed_conv_args(node):
                 return f"the conv's {', '.join(computed)} are computed in the graph, not constants"
-            conv, bn = view.conv(m["conv"]), view.bn(m["bn"])
+            conv = view.conv(node)
             reason = common(conv, bn)
             if reason:
                 return reason
-            others = view.users_besides(bn.out, conv.node)
-            if others:
-                return f"the BatchNorm output is also used by {', '.join(others)}"
+            if sum(a is bn.out for a in [*node.args, *node.kwargs.values()]) > 1:
+                return "the conv reads the BatchNorm output more than once"
+            if conv.own_forward:
+                return f"the conv is a {type(conv.module).__name__}, whose own forward may pad its input " \
+                       "(Conv2dSame pads with zeros at run time): border taps would not see the BatchNorm's shift"
             if conv.pads_with_zeros():
                 return ZERO_PAD_REASON
             if conv.kind == "linear" and (reason := linear_rank(bn.out)):
@@ -122,26 +136,76 @@ class FoldBN(Pass):
                 return f"BatchNorm has {bn.mean.numel()} channels, the conv reads {in_ch}"
             return None
 
+        def before_check(m) -> str | None:
+            bn = view.bn(m["bn"])
+            reason = reader_refusal(m["conv"], bn)
+            if reason:
+                return reason
+            for other in readers(bn):  # a BN read by several convs folds into each when exact for all
+                if other is m["conv"]:
+                    continue
+                if other.op == "output":
+                    return "the BatchNorm output is also a graph output"
+                if reason := reader_refusal(other, bn):
+                    return f"the BatchNorm output is also used by {view.describe(other)}: {reason}"
+            return None
+
         def before_rewrite(m) -> str | None:
-            conv, bn = view.conv(m["conv"]), view.bn(m["bn"])
+            bn = view.bn(m["bn"])
             s, t = bn_affine(bn)
-            w, b = km.fold_scale_before(f64(conv.weight), f64(conv.bias), s, t, groups=conv.groups)
-            shared = view.weight_shared_with(conv)
-            view.set_params(conv, w, b, copy_module=shared is not None)
-            conv.node.update_arg(0, bn.node.args[0])
+            notes = []
+            for node in readers(bn):
+                conv = view.conv(node)
+                w, b = km.fold_scale_before(f64(conv.weight), f64(conv.bias), s, t, groups=conv.groups)
+                shared = view.weight_shared_with(conv)
+                view.set_params(conv, w, b, copy_module=shared is not None)
+                node.update_arg(0, bn.node.args[0])
+                if note := _shared_note(shared):
+                    notes.append(note)
             bn.out.replace_all_uses_with(bn.node.args[0])  # metadata reads (x.shape): same shape
             _erase(gm, bn)
-            return _shared_note(shared)
+            return "; ".join(notes) or None
 
         def where(m) -> str:
-            return f"{view.describe(m['conv'])} + {view.describe(m['bn'])}"
+            return f"{view.describe(m['conv'])} + {bn_name(m['bn'])}"
 
-        rules = [Rule("conv->bn", Pattern("batch_norm", [Pattern(("conv", "conv_transpose", "linear"), bind="conv")],
-                                          bind="bn"), after_check, after_rewrite, where)]
+        def bn_name(node) -> str:
+            """The BatchNorm module's name (functional calls: the module owning the running mean)."""
+            if node.op == "call_module":
+                return node.target
+            mean = view.arg(node, "running_mean")
+            if isinstance(mean, torch.fx.Node) and mean.op == "get_attr" and "." in mean.target:
+                return mean.target.rpartition(".")[0]
+            return node.name
+
+        def refusing(check):
+            def run(m) -> str | None:
+                reason = check(m)
+                if reason:
+                    refused.add(m["bn"])
+                return reason
+            return run
+
+        def subject(m) -> str:
+            return bn_name(m["bn"])
+
+        producers = ("conv", "conv_transpose", "linear", "conv_like")
+        rules = [Rule("conv->bn", Pattern("batch_norm", [Pattern(producers, bind="conv")], bind="bn"),
+                      refusing(after_check), after_rewrite, where, subject)]
         if self.config["before"]:
-            rules.append(Rule("bn->conv", Pattern(("conv", "linear"), [Pattern("batch_norm", bind="bn")], bind="conv"),
-                              before_check, before_rewrite, where))
+            rules.append(Rule("bn->conv", Pattern(("conv", "linear", "conv_like"), [Pattern("batch_norm", bind="bn")],
+                                                  bind="conv"), refusing(before_check), before_rewrite, where, subject))
         apply_rules(view, rules, ctx.report)
+        for node in gm.graph.nodes:  # every BatchNorm left is listed with its reason
+            if view.kind(node) == "batch_norm" and node not in refused and \
+                    (node.op == "call_module" or view.bn(node).mean is not None):
+                ctx.report.matched += 1
+                ctx.report.skip(bn_name(node), _alone_fx(view, node, readers(view.bn(node))), bn_name(node))
+            elif node.op == "call_module" and view.kind(node) is None:
+                for name, sub in view.gm.get_submodule(node.target).named_modules(prefix=node.target):
+                    if isinstance(sub, self.fx_subjects()):
+                        ctx.report.matched += 1
+                        ctx.report.skip(name, f"inside {node.target}, a module torch.fx keeps whole (a leaf)", name)
         return view.finish() if ctx.report.modified else gm
 
     # --- ONNX ---------------------------------------------------------------------------------------
@@ -150,6 +214,7 @@ class FoldBN(Pass):
 
         view = OnnxView(graph)
         prepared: dict[int, Any] = {}  # BN node id -> what its check computed, reused by the rewrite
+        refused: set[int] = set()  # ids of BN nodes a rule refused (listed in the report with the reason)
 
         def f64(a):
             return None if a is None else np.asarray(a, dtype=np.float64)
@@ -183,14 +248,12 @@ class FoldBN(Pass):
                 return f"the weight is {w.dtype}, not floating point"
             return f64(w), f64(b), w.dtype
 
-        def prepare(m, between: Any):
-            """(s, t, W, b, dtype) for a match, or a refusal reason. `between` is the tensor BN and conv share."""
+        def prepare(m):
+            """(s, t, W, b, dtype) for a conv -> BN match, or a refusal reason."""
             conv, bn = m["conv"], m["bn"]
-            reader = bn if between is conv.outputs[0] else conv
-            others = view.users_besides(between, reader)
+            others = view.users_besides(conv.outputs[0], bn)
             if others:
-                producer = conv.op if reader is bn else "BatchNormalization"
-                return f"the {producer} output is also used by {', '.join(others)}"
+                return f"the {conv.op} output is also used by {', '.join(others)}"
             affine, params = bn_params(bn), weights(conv)
             for r in (affine, params):
                 if isinstance(r, str):
@@ -198,7 +261,7 @@ class FoldBN(Pass):
             return (*affine, *params)
 
         def after_check(m) -> str | None:
-            data = prepared[id(m["bn"])] = prepare(m, m["conv"].outputs[0])
+            data = prepared[id(m["bn"])] = prepare(m)
             if isinstance(data, str):
                 return data
             conv, (s, _, w, _, _) = m["conv"], data
@@ -226,11 +289,15 @@ class FoldBN(Pass):
             view.bypass(bn, conv)
             return _shared_note("also read by " + ", ".join(shared) if shared else None)
 
-        def before_check(m) -> str | None:
-            data = prepared[id(m["bn"])] = prepare(m, m["bn"].outputs[0])
-            if isinstance(data, str):
-                return data
-            conv, (s, _, w, _, _) = m["conv"], data
+        def reader_data(conv, bn_out, s):
+            """(W, b, dtype) of `conv`, a node reading the BatchNorm's output `bn_out`, to fold into; or why not."""
+            if conv.op not in ("Conv", "Gemm") or view.kind(conv) != conv.op or conv.inputs[0] is not bn_out \
+                    or bn_out in conv.inputs[1:]:
+                return "it is not a Conv / Gemm reading the BatchNormalization as its input"
+            params = weights(conv)
+            if isinstance(params, str):
+                return params
+            w = params[0]
             if conv.op == "Gemm":
                 if int(conv.attrs.get("transA", 0)):
                     return "Gemm has transA=1: it reads the BatchNorm's channels as rows"
@@ -241,31 +308,90 @@ class FoldBN(Pass):
                 in_ch = w.shape[1] * int(conv.attrs.get("group", 1))
             if s.shape[0] != in_ch:
                 return f"BatchNormalization has {s.shape[0]} channels, the {conv.op} reads {in_ch}"
+            return params
+
+        def before_check(m) -> str | None:
+            conv, bn = m["conv"], m["bn"]
+            out = bn.outputs[0]
+            affine = bn_params(bn)
+            if isinstance(affine, str):
+                return affine
+            own = reader_data(conv, out, affine[0])
+            if isinstance(own, str):
+                return own
+            if out in view.graph.outputs:
+                return "the BatchNormalization output is also a graph output"
+            readers = {id(conv): (conv, own)}  # a BN read by several convs folds into each when exact for all
+            for other in out.outputs:
+                if id(other) not in readers:
+                    data = reader_data(other, out, affine[0])
+                    if isinstance(data, str):
+                        return f"the BatchNormalization output is also used by {view.describe(other)}: {data}"
+                    readers[id(other)] = (other, data)
+            prepared[id(bn)] = (affine, list(readers.values()))
             return None
 
         def before_rewrite(m) -> str | None:
-            conv, bn = m["conv"], m["bn"]
-            s, t, w, b, dtype = prepared.pop(id(bn))
-            if conv.op == "Gemm":
-                w, b = _gemm_before(conv, w, b, s, t)
-            else:
-                w, b = km.fold_scale_before(w, b, s, t, groups=int(conv.attrs.get("group", 1)))
-            shared = _set_weights(view, conv, w, b, dtype)
+            bn = m["bn"]
+            (s, t), readers = prepared.pop(id(bn))
+            notes = []
+            for conv, (w, b, dtype) in readers:
+                if conv.op == "Gemm":
+                    w, b = _gemm_before(conv, w, b, s, t)
+                else:
+                    w, b = km.fold_scale_before(w, b, s, t, groups=int(conv.attrs.get("group", 1)))
+                shared = _set_weights(view, conv, w, b, dtype)
+                if note := _shared_note("also read by " + ", ".join(shared) if shared else None):
+                    notes.append(note)
             view.remove_passthrough(bn)
-            return _shared_note("also read by " + ", ".join(shared) if shared else None)
+            return "; ".join(notes) or None
 
         def where(m) -> str:
             return f"{view.describe(m['conv'])} + {view.describe(m['bn'])}"
 
+        def refusing(check):
+            def run(m) -> str | None:
+                reason = check(m)
+                if reason:
+                    refused.add(id(m["bn"]))
+                return reason
+            return run
+
+        def subject(m) -> str:
+            return view.describe(m["bn"])
+
         producer = Pattern(("Conv", "ConvTranspose", "Gemm"), bind="conv")
-        rules = [Rule("conv->bn", Pattern("BatchNormalization", [producer], bind="bn"), after_check, after_rewrite,
-                      where)]
+        rules = [Rule("conv->bn", Pattern("BatchNormalization", [producer], bind="bn"), refusing(after_check),
+                      after_rewrite, where, subject)]
         if self.config["before"]:
             consumer = Pattern(("Conv", "Gemm"), [Pattern("BatchNormalization", bind="bn")], bind="conv")
-            rules.append(Rule("bn->conv", consumer, before_check, before_rewrite, where))
+            rules.append(Rule("bn->conv", consumer, refusing(before_check), before_rewrite, where, subject))
         apply_rules(view, rules, ctx.report)
+        for bn in view.candidates(frozenset(["BatchNormalization"])):  # every one left is listed with its reason
+            if view.alive(bn) and id(bn) not in refused:
+                ctx.report.matched += 1
+                ctx.report.skip(view.describe(bn), _alone_onnx(view, bn), view.describe(bn))
         if ctx.report.modified:
             view.finish()
+
+
+def _alone_fx(view: Any, bn: Any, readers: list) -> str:
+    """Why a BatchNorm no rule matched stays: what it reads and what reads it."""
+    src = bn.args[0] if bn.args else None
+    came = "a graph input" if getattr(src, "op", "") == "placeholder" else \
+        f"{view.describe(src)}" if src is not None else "nothing"
+    went = ", ".join("the graph output" if u.op == "output" else view.describe(u) for u in readers) or "nothing"
+    return f"no conv / linear next to it: it reads {came}, and {went} reads it"
+
+
+def _alone_onnx(view: Any, bn: Any) -> str:
+    """Why a BatchNormalization no rule matched stays: what it reads and what reads it."""
+    src = bn.inputs[0] if bn.inputs else None
+    came = view.describe(src.inputs[0]) if src is not None and src.inputs else "a graph input"
+    out = bn.outputs[0] if bn.outputs else None
+    went = [view.describe(n) for n in out.outputs] if out is not None else []
+    went += ["the graph output"] if out is not None and out in view.graph.outputs else []
+    return f"no Conv / ConvTranspose / Gemm next to it: it reads {came}, and {', '.join(went) or 'nothing'} reads it"
 
 
 def _shared_note(shared: str | None) -> str | None:

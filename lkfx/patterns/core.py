@@ -86,13 +86,15 @@ def find(view: GraphView, pattern: Pattern) -> Iterator[Match]:
 
 @dataclass
 class Rule:
-    """pattern + check (None or a reason) + rewrite. `where` names the match in the report."""
+    """pattern + check (None or a reason) + rewrite. `where` names the match in the report; `subject` names the
+    node of the match the pass is about (recorded with a refusal, so that a pass can account for each one)."""
 
     name: str
     pattern: Pattern
     check: Callable[[Match], str | None]
     rewrite: Callable[[Match], str | None]
     where: Callable[[Match], str] = field(default=lambda m: "")
+    subject: Callable[[Match], str] = field(default=lambda m: "")
 
 
 def apply_rules(view: GraphView, rules: Iterable[Rule], report: PassReport) -> int:
@@ -117,7 +119,7 @@ def apply_rules(view: GraphView, rules: Iterable[Rule], report: PassReport) -> i
                 where = rule.where(m) or ", ".join(view.describe(n) for n in m.values())
                 reason = rule.check(m)
                 if reason is not None:
-                    report.skip(where, f"{rule.name}: {reason}")
+                    report.skip(where, f"{rule.name}: {reason}", rule.subject(m))
                     refused[key] = m
                     continue
                 note = rule.rewrite(m)

@@ -4,7 +4,8 @@ The same conv can appear three ways in an FX graph: ``call_module`` of an ``nn.C
 ``F.conv2d`` / ``torch.conv2d`` with ``get_attr`` weights (timm and hand-written models), or
 ``aten.convolution.default`` (graphs from ``make_fx`` / the torch.compile backend). `FxView.kind` gives all of
 them the same kind (``conv``, ``conv_transpose``, ``linear``, ``batch_norm``) and `FxView.conv` / `FxView.bn`
-read their parameters into one record, so a rule is written once.
+read their parameters into one record, so a rule is written once. A conv subclass with its own forward that is
+`lkfx.graph.fx.conv_like` (timm's Conv2dSame) has the kind ``conv_like``: only passes that ask for it see it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+
+from lkfx.graph.fx import conv_like
 
 aten = torch.ops.aten
 
@@ -90,6 +93,7 @@ class ConvInfo:
     dilation: tuple[int, ...]
     groups: int
     padding_mode: str
+    own_forward: bool = False  # a `conv_like` module: its forward may transform (pad) the input first
 
     @property
     def transposed(self) -> bool:
@@ -97,6 +101,8 @@ class ConvInfo:
 
     def pads_with_zeros(self) -> bool:
         """True when some output tap reads zero padding instead of the input."""
+        if self.own_forward:
+            raise ValueError(f"the padding a {type(self.module).__name__} applies in its own forward is not known")
         if self.kind == "linear" or self.padding_mode != "zeros" or self.padding == "valid":
             return False
         if self.padding == "same":
@@ -150,7 +156,10 @@ class FxView:
 
     def kind(self, node: fx.Node) -> str | None:
         if node.op == "call_module":
-            return module_kind(self._modules[node.target]) if node.target in self._modules else None
+            m = self._modules.get(node.target)
+            if m is None:
+                return None
+            return module_kind(m) or ("conv_like" if conv_like(m) else None)
         if node.op == "call_function":
             spec = FUNCTIONS.get(node.target)
             if spec is None:
@@ -212,9 +221,9 @@ class FxView:
             m = self._modules[node.target]
             if kind == "linear":
                 return ConvInfo(node, kind, m, m.weight, m.bias, (), (), (), 1, "zeros")
-            return ConvInfo(node, kind, m, m.weight, m.bias, tuple(m.stride),
+            return ConvInfo(node, "conv" if kind == "conv_like" else kind, m, m.weight, m.bias, tuple(m.stride),
                             m.padding if isinstance(m.padding, str) else tuple(m.padding),
-                            tuple(m.dilation), m.groups, m.padding_mode)
+                            tuple(m.dilation), m.groups, m.padding_mode, own_forward=kind == "conv_like")
         w = self.constant(self.arg(node, "weight"))
         b_arg = self.arg(node, "bias")
         b = self.constant(b_arg) if b_arg is not None else None

@@ -166,22 +166,38 @@ def test_before_option_off_leaves_bn_conv():
 
 
 class BnTwoConvs(nn.Module):
-    def __init__(self):
+    def __init__(self, pad_b: int = 0, third=None):
         super().__init__()
         self.bn = nn.BatchNorm2d(4)
         self.a = nn.Conv2d(4, 6, 3)
-        self.b = nn.Conv2d(4, 6, 1)
+        self.b = nn.Conv2d(4, 6, 3, padding=pad_b)
+        self.third = third
 
     def forward(self, x):
         y = self.bn(x)
-        return self.a(y), self.b(y)
+        return self.a(y), self.b(y), *((self.third(y),) if self.third is not None else ())
 
 
-def test_bn_output_used_by_two_convs_is_refused():
+def test_bn_read_by_two_convs_folds_into_both():
     model = randomize_bn(BnTwoConvs()).eval()
     out, pr = fold(model)
-    check_refused(model, out, pr, (torch.randn(2, 4, 8, 8),), "the BatchNorm output is also used by")
+    check_folded(model, out, pr, (torch.randn(2, 4, 8, 8),))
+
+
+def test_bn_read_by_a_zero_padding_conv_is_refused_for_all_readers():
+    model = randomize_bn(BnTwoConvs(pad_b=1)).eval()
+    out, pr = fold(model)
+    check_refused(model, out, pr, (torch.randn(2, 4, 8, 8),), "")
     assert pr.matched == 2
+    assert any("also used by b: " + ZERO_PAD_REASON in r for r in reasons(pr)), reasons(pr)
+    assert any(r.endswith(ZERO_PAD_REASON) and "also used" not in r for r in reasons(pr)), reasons(pr)
+
+
+def test_bn_read_by_a_conv_and_something_else_is_refused():
+    model = randomize_bn(BnTwoConvs(third=nn.ReLU())).eval()
+    out, pr = fold(model)
+    check_refused(model, out, pr, (torch.randn(2, 4, 8, 8),), "the BatchNorm output is also used by")
+    assert any("third: it is not a conv / linear" in r for r in reasons(pr)), reasons(pr)
 
 
 # --- must not fold ------------------------------------------------------------------------------------------

@@ -213,16 +213,38 @@ def test_before_option_off_leaves_bn_conv():
     assert op_types(out) == ["BatchNormalization", "Conv"]
 
 
-def test_bn_output_used_by_two_convs_is_refused():
+def two_readers(pads_b=(0, 0, 0, 0), third: str | None = None):
+    """x -> BN -> conv_a (3x3), conv_b (3x3 with pads_b)[, third]."""
     rng = np.random.default_rng(5)
-    inits = [init("W1", rand(rng, 6, 4, 3, 3)), init("W2", rand(rng, 6, 4, 1, 1)),
-             *bn_initializers(rng, "bn", 4)]
+    inits = [init("W1", rand(rng, 6, 4, 3, 3)), init("W2", rand(rng, 6, 4, 3, 3)), *bn_initializers(rng, "bn", 4)]
     nodes = [bn_node("bn", "x", "xn"), helper.make_node("Conv", ["xn", "W1"], ["a"], name="conv_a"),
-             helper.make_node("Conv", ["xn", "W2"], ["b"], name="conv_b")]
-    model = make_model(nodes, {"x": (2, 4, 8, 8)}, ["a", "b"], inits)
+             helper.make_node("Conv", ["xn", "W2"], ["b"], name="conv_b", pads=list(pads_b))]
+    outputs = ["a", "b"]
+    if third:
+        nodes.append(helper.make_node(third, ["xn"], ["c"], name="third"))
+        outputs.append("c")
+    return make_model(nodes, {"x": (2, 4, 8, 8)}, outputs, inits)
+
+
+def test_bn_read_by_two_convs_folds_into_both():
+    model = two_readers()
+    out, pr = fold_onnx(model)
+    check_folded(model, out, pr)
+
+
+def test_bn_read_by_a_zero_padding_conv_is_refused_for_all_readers():
+    model = two_readers(pads_b=(1, 1, 1, 1))
+    out, pr = fold_onnx(model)
+    check_refused(model, out, pr, "")
+    assert pr.matched == 2
+    assert any(r.endswith("also used by conv_b: " + ZERO_PAD_REASON) for r in reasons(pr)), reasons(pr)
+
+
+def test_bn_read_by_a_conv_and_something_else_is_refused():
+    model = two_readers(third="Relu")
     out, pr = fold_onnx(model)
     check_refused(model, out, pr, "the BatchNormalization output is also used by")
-    assert pr.matched == 2
+    assert any("third: it is not a Conv / Gemm" in r for r in reasons(pr)), reasons(pr)
 
 
 # --- must not fold ------------------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ class _Tracer(fx.Tracer):
         return isinstance(m, self.leaf_types) or conv_like(m) or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
+        if type(m) is nn.Identity:  # no node: what it is placed between (timm's BatchNormAct2d) stays adjacent
+            return args[0]
         # Popped only on success: when tracing fails, the stack still ends with the module that failed.
         self.stack.append(self.path_of_module(m))
         out = super().call_module(m, forward, args, kwargs)
@@ -94,6 +96,8 @@ def trace(model: nn.Module, leaf_modules: Iterable[type] = ()) -> fx.GraphModule
     """Symbolically trace `model`; on failure raise `TraceError` naming the module that broke tracing."""
     if isinstance(model, fx.GraphModule):
         return model
+    for m in model.modules():  # probed before tracing: symbolic tracing patches the calls the probe makes
+        conv_like(m)
     tracer = _Tracer(tuple(leaf_modules))
     try:
         graph = tracer.trace(model)

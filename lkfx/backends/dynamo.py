@@ -9,12 +9,14 @@ Registered through the ``torch_dynamo_backends`` entry point, so it works after 
       ──► inductor ``compile_fx`` (it runs AOT autograd: the backward of the rewritten graph is derived from it)
 
 Inference (no input requires grad, or grad mode is off, the rule AOT autograd uses) gets every pass asked for.
-Default passes: on CUDA ``fold_bn``, ``lower_dwconv`` (when registered: the Triton depthwise kernel) and
-``fft_conv`` (``min_kernel=5``, ``mode='auto'``); on the CPU ``fold_bn`` only. Inductor runs every CPU conv in
-channels-last layout through oneDNN, whose depthwise convs have no large-kernel cliff (one thread, loaded 2-core
-x86, depthwise 31x31 on 8x64x56x56: NCHW 1296 ms, channels-last 64 ms, lkfx's FFT 73 ms; 27x27 on 8x256x14x14:
-253 / 7.3 / 21 ms), while ``fft_conv``'s cost model compares against NCHW convs and ``lower_dwconv``'s CPU path
-runs the NCHW conv: on the CPU both would pick slower code. Ask for them with ``options={"passes": [...]}``.
+Default passes: ``fold_bn`` and ``fft_conv`` (``min_kernel=5``, ``mode='auto'``) on both devices, and on CUDA
+also ``lower_dwconv`` (when registered: the Triton depthwise kernel). On the CPU inductor runs every conv
+channels-last through oneDNN, whose depthwise convs have no large-kernel cliff, so ``fft_conv``'s cost model
+prices the direct conv there as channels-last without conversions and rewrites a conv to the FFT only where
+that is predicted 1.25x faster still (large maps with very large kernels, small batches: e.g. one thread,
+batch 1, 31x31 on 128x56x56: channels-last 8 ms, FFT 3 ms; 27x27 on 512x14x14 stays direct: 0.9 against 1.8
+ms). ``lower_dwconv``'s CPU path makes the same choice per call but hides the conv from inductor's layout
+planning, so it is not a CPU default.
 The graph is compiled with inductor's ``freezing`` on, since its parameters are constants already. Folding reads
 parameter values, so the compiled graph watches them: when one of them is replaced or changed in place (its version
 counter moves: ``load_state_dict``, an optimizer step, ``copy_``) the next call **recompiles** with the new values
@@ -65,7 +67,7 @@ def last_report() -> Report | None:
 def default_passes(device: str) -> list[Any]:
     """The passes run when ``options`` names none (see the module docstring for why the CPU gets fewer)."""
     if device != "cuda":
-        return ["fold_bn"]
+        return ["fold_bn", ("fft_conv", {"min_kernel": 5})]
     lower = ["lower_dwconv"] if any(p["name"] == "lower_dwconv" for p in list_passes()) else []
     return ["fold_bn", *lower, ("fft_conv", {"min_kernel": 5})]
 

@@ -298,9 +298,11 @@ def _plan(gm: Any, selected: list[_Selected], report: Any, aten: bool) -> dict[A
     from lkfx.graph import layout
     from lkfx.modules.fft_conv import FFTConv2d
 
+    if aten:
+        for c in selected:
+            c.shape = replace(c.shape, channels_last=True)
     models = {c.node: cost_model(c.device) for c in selected}
-    own = {c.node: models[c.node].choose(replace(c.shape, channels_last=True) if aten else c.shape)
-           for c in selected}
+    own = {c.node: models[c.node].choose(c.shape) for c in selected}
     in_cl = {c.node: models[c.node].choose(replace(c.shape, channels_last=True), ("channels_last", "fft"))
              for c in selected}
     decisions, regions = dict(own), {}

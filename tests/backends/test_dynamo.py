@@ -127,10 +127,24 @@ def test_inference_equals_eager(name):
     assert err(ref, out) <= TOL
     report = last_report()
     assert report["fold_bn"].rewritten == folds
-    assert [p.name for p in report.passes] == (["fold_bn"] if options == {} else ["fold_bn", "fft_conv"])
+    assert [p.name for p in report.passes] == ["fold_bn", "fft_conv"]
     if ffts:
         assert report["fft_conv"].rewritten == ffts
     assert report.after["batch_norms"] == 0
+
+
+def test_cpu_default_prices_the_candidates():
+    """CPU defaults: fold_bn and fft_conv auto, whose report names for each large conv the chosen candidate and
+    every candidate's predicted time, direct convs priced channels-last without conversion (inductor's layout)."""
+    model, x, _, _, _ = make("large_kernel")
+    model.eval()
+    with torch.no_grad():
+        ref, out = model(x), torch.compile(model, backend="lkfx")(x)
+    assert err(ref, out) <= TOL
+    pr = last_report()["fft_conv"]
+    lines = pr.notes + [s.reason for s in pr.skipped if "below min_kernel" not in s.reason]
+    assert lines and all(", channels-last -> " in t and "predicted NCHW direct" in t and "channels-last direct" in t
+                         and "FFT" in t for t in lines), lines
 
 
 @pytest.mark.parametrize("name", list(CASES))

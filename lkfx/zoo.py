@@ -274,14 +274,37 @@ def fx_exact(*passes: Any) -> Callable[[Subject], str]:
     """Exact FX passes: the output equals the original's, the caller's model is unchanged."""
 
     def run(s: Subject) -> str:
-        out, report = _transform(s, s.model, list(passes))
-        err = _assert_equal(s.reference, out, s.x, _tolerance(passes))
-        _assert_equal(s.reference, s.model, s.x, 0.0)
-        if not report.passes[0].modified:
-            raise _nothing_done(_refused(report))
-        return f"{_rewritten(report)}; err {err:.1e}"
+        return _fx_exact(s, passes)[0]
 
     return run
+
+
+def _fx_exact(s: Subject, passes: Sequence[Any]) -> tuple[str, lkfx.Report]:
+    out, report = _transform(s, s.model, list(passes))
+    err = _assert_equal(s.reference, out, s.x, _tolerance(passes))
+    _assert_equal(s.reference, s.model, s.x, 0.0)
+    if not report.passes[0].modified:
+        raise _nothing_done(_refused(report))
+    return f"{_rewritten(report)}; err {err:.1e}", report
+
+
+def bn_accounting(total: int, rewritten: int, skipped: Sequence[tuple[str, str]]) -> str:
+    """Every BatchNorm is folded or skipped with a reason that names it: folded + skipped == BNs in the model.
+    `skipped` is (node, reason) per refusal (a BN refused by both rules appears twice)."""
+    named = {node for node, _ in skipped}
+    if "" in named or not all(reason for _, reason in skipped):
+        raise AssertionError("a fold_bn refusal without the BatchNorm it is about or without a reason")
+    if rewritten + len(named) != total:
+        raise AssertionError(f"{total} BatchNorms, {rewritten} folded + {len(named)} skipped with a reason")
+    return f"{total} BN = {rewritten} folded + {len(named)} skipped"
+
+
+def fx_fold_bn(s: Subject) -> str:
+    """fx_exact("fold_bn"), and every BatchNorm module of the model accounted for (`bn_accounting`)."""
+    total = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in s.model.modules())
+    detail, report = _fx_exact(s, ["fold_bn"])
+    pr = report["fold_bn"]
+    return f"{detail}; {bn_accounting(total, pr.rewritten, [(x.node, x.reason) for x in pr.skipped])}"
 
 
 def fx_replk_merge(s: Subject) -> str:
@@ -349,30 +372,46 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 
 def onnx_cli(*specs: str) -> Callable[[Subject], str]:
     """``lkfx optimize MODEL.onnx -o OUT.onnx -p SPEC ... --check``: exit 0 and the report's check passed."""
-    import lkfx.cli
 
     def run(s: Subject) -> str:
-        src = s.onnx_path
-        dst, rep = s.folder / f"{src.stem}.out.onnx", s.folder / f"{src.stem}.report.json"
-        args = ["optimize", str(src), "-o", str(dst), *[a for p in specs for a in ("-p", p)], "--check",
-                "--report", str(rep), "-q"]
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err):
-            code = lkfx.cli.main(args)
-        if code != 0:
-            raise AssertionError(f"exit {code}: {err.getvalue().strip()}")
-        report = json.loads(rep.read_text())
-        done = ", ".join(f"{p['name']} {p['rewritten']}" for p in report["passes"])
-        check = report["check"]
-        if not report["passes"][0]["rewritten"]:
-            raise _nothing_done([(x["where"], x["reason"]) for x in report["passes"][0]["skipped"]])
-        return f"{done}; err {check['max_rel_error']:.1e}"
+        return _onnx_cli(s, specs)[0]
 
     return run
 
 
+def _onnx_cli(s: Subject, specs: Sequence[str]) -> tuple[str, dict[str, Any]]:
+    import lkfx.cli
+
+    src = s.onnx_path
+    dst, rep = s.folder / f"{src.stem}.out.onnx", s.folder / f"{src.stem}.report.json"
+    args = ["optimize", str(src), "-o", str(dst), *[a for p in specs for a in ("-p", p)], "--check",
+            "--report", str(rep), "-q"]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = lkfx.cli.main(args)
+    if code != 0:
+        raise AssertionError(f"exit {code}: {err.getvalue().strip()}")
+    report = json.loads(rep.read_text())
+    done = ", ".join(f"{p['name']} {p['rewritten']}" for p in report["passes"])
+    check = report["check"]
+    if not report["passes"][0]["rewritten"]:
+        raise _nothing_done([(x["where"], x["reason"]) for x in report["passes"][0]["skipped"]])
+    return f"{done}; err {check['max_rel_error']:.1e}", report
+
+
+def onnx_fold_bn(s: Subject) -> str:
+    """onnx_cli("fold_bn"), and every BatchNormalization node of the export accounted for (`bn_accounting`)."""
+    import onnx
+
+    total = sum(n.op_type == "BatchNormalization" for n in onnx.load(str(s.onnx_path)).graph.node)
+    detail, report = _onnx_cli(s, ["fold_bn"])
+    pr = report["passes"][0]
+    skipped = [(x.get("node", ""), x["reason"]) for x in pr["skipped"]]
+    return f"{detail}; {bn_accounting(total, pr['rewritten'], skipped)}"
+
+
 CASES: tuple[Case, ...] = (
-    Case("fx:fold_bn", ("fold_bn",), fx_exact("fold_bn"), "exact"),
+    Case("fx:fold_bn", ("fold_bn",), fx_fold_bn, "exact; BN modules = folded + skipped with a reason"),
     Case("fx:merge_reparam", ("merge_reparam",), fx_exact("merge_reparam", "fold_bn"),
          "exact; merge_reparam then fold_bn (deploy conversion)"),
     Case("fx:replk+merge", ("reparam_large_kernel", "merge_reparam"), fx_replk_merge,
@@ -384,7 +423,8 @@ CASES: tuple[Case, ...] = (
          "exact; mode=always on global convs (kernel covers the feature map)"),
     Case("fx:lower_dwconv", ("lower_dwconv",), fx_exact(("lower_dwconv", {"min_kernel": 3})),
          "exact; min_kernel=3: every depthwise conv onto lkfx's dwconv2d op (its CPU path here)"),
-    Case("onnx:fold_bn", ("fold_bn",), onnx_cli("fold_bn"), "CLI --check"),
+    Case("onnx:fold_bn", ("fold_bn",), onnx_fold_bn,
+         "CLI --check; BatchNormalization nodes = folded + skipped with a reason"),
     Case("onnx:merge_reparam", ("merge_reparam",), onnx_cli("merge_reparam"), "CLI --check"),
     Case("onnx:fft_conv", ("fft_conv",), onnx_cli("fft_conv:mode=always"), "CLI --check; mode=always"),
     Case("onnx:lower_dwconv", ("lower_dwconv",), onnx_cli("lower_dwconv:min_kernel=3"),

@@ -44,6 +44,7 @@ from zoo_models import FOLD_BN, UNTRACEABLE, ZooModel, build, example_input, exp
 
 import lkfx
 import lkfx.cli
+from lkfx.zoo import bn_accounting
 
 TOL = 1e-5
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,6 +209,12 @@ def mentions(where: str, name: str) -> bool:
     return re.search(rf"(?<![\w.]){re.escape(name)}(?![\w.])", where) is not None
 
 
+def assert_accounted(model: nn.Module, rep) -> None:
+    """Every BatchNorm module of the model: folded, or skipped with a reason that names it."""
+    total = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    bn_accounting(total, rep.rewritten, [(s.node, s.reason) for s in rep.skipped])
+
+
 def assert_none_left(left: list[str], folded: int) -> None:
     assert not left, f"fold_bn left {len(left)} foldable BNs ({folded} folded):\n" + "\n".join(left[:9])
 
@@ -237,6 +244,7 @@ def check_fx_result(model: nn.Module, x: torch.Tensor) -> tuple[fx.GraphModule, 
     assert n_before - n_after == rep.rewritten
     assert rep.matched == rep.rewritten + len(rep.skipped)
     assert rep.modified == (rep.rewritten > 0)
+    assert_accounted(model, rep)
 
     _, again = lkfx.transform(result, ["fold_bn"], example_inputs=x, return_report=True)
     assert again["fold_bn"].rewritten == 0, "a second fold_bn run still rewrote something"
@@ -323,6 +331,7 @@ def check_onnx_result(src: Path, dst: Path, report_path: Path, x: np.ndarray, ha
     report = json.loads(report_path.read_text())
     rep = report["passes"][0]
     assert rep["name"] == "fold_bn" and rep["rewritten"] == n_in - n_out
+    bn_accounting(n_in, rep["rewritten"], [(s.get("node", ""), s["reason"]) for s in rep["skipped"]])
     assert report["check"]["passed"] and report["check"]["max_rel_error"] <= TOL
     ref, out = ort_outputs(src, x), ort_outputs(dst, x)
     assert len(ref) == len(out)
@@ -456,6 +465,7 @@ def check_fallback(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, lkfx.R
         assert rel_error(ref, result(x)) <= TOL
     assert any(isinstance(m, fx.GraphModule) for m in result.modules())
     assert_none_left(foldable_left_in_graph_children(result, x), rep.rewritten)
+    assert_accounted(model, rep)
     return result, report
 
 

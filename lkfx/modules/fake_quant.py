@@ -64,23 +64,26 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, lo, hi)
 
 
-def weight_scale(w: torch.Tensor, bits: int, axis: int = 0) -> torch.Tensor:
-    """Symmetric per-channel scale ``max|w| / qmax`` along `axis` (detached)."""
+def weight_scale(w: torch.Tensor, bits: int, axis: int | None = 0) -> torch.Tensor:
+    """Symmetric scale ``max|w| / qmax`` per channel along `axis`, or one for the tensor (``axis=None``), detached."""
     amax = w.detach().abs().amax(dim=[d for d in range(w.ndim) if d != axis])
     return qparams(-amax, amax, bits=bits, symmetric=True)[0]
 
 
-def fake_quantize_weight(w: torch.Tensor, bits: int, axis: int = 0) -> torch.Tensor:
-    """Symmetric per-output-channel fake quantization of a weight (STE gradient to `w`)."""
+def fake_quantize_weight(w: torch.Tensor, bits: int, axis: int | None = 0) -> torch.Tensor:
+    """Symmetric fake quantization of a weight, per output channel along `axis` or per tensor (``axis=None``), with
+    the STE gradient to `w`."""
     scale = weight_scale(w, bits, axis)
     zero_point = torch.zeros(scale.shape, dtype=torch.int32, device=w.device)
+    if axis is None:
+        return torch.fake_quantize_per_tensor_affine(w, scale, zero_point, -128, 127)
     return torch.fake_quantize_per_channel_affine(w, scale, zero_point, axis, -128, 127)
 
 
 class WeightFakeQuant(nn.Module):
-    """``w -> fq(w)``, symmetric per channel along `axis` (0: conv / linear output channels)."""
+    """``w -> fq(w)``, symmetric per channel along `axis` (0: conv / linear output channels; None: per tensor)."""
 
-    def __init__(self, bits: int = 8, axis: int = 0):
+    def __init__(self, bits: int = 8, axis: int | None = 0):
         super().__init__()
         self.bits, self.axis = bits, axis
 
@@ -111,6 +114,7 @@ class FakeQuant(nn.Module):
         self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
         self.calibrated = False
         self.observer: Any = None
+        self.guard: str | None = None  # what the range guard did at the last calibration, if anything
 
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Quantize ``[lo, hi]`` (widened to include 0) from now on."""
@@ -155,9 +159,9 @@ class FakeQuant(nn.Module):
 class ConvBnFakeQuant(nn.Module):
     """conv + BatchNorm for QAT: fake-quantized folded weights, batch-statistics correction until `freeze_bn`."""
 
-    def __init__(self, conv: nn.Module, bn: nn.Module, bits: int = 8):
+    def __init__(self, conv: nn.Module, bn: nn.Module, bits: int = 8, per_channel: bool = True):
         super().__init__()
-        self.conv, self.bn, self.bits = conv, bn, bits
+        self.conv, self.bn, self.bits, self.axis = conv, bn, bits, 0 if per_channel else None
         self.frozen = False
 
     def freeze_bn(self) -> None:
@@ -170,7 +174,7 @@ class ConvBnFakeQuant(nn.Module):
         k = torch.rsqrt(bn.running_var + bn.eps)
         if bn.weight is not None:
             k = k * bn.weight
-        w = fake_quantize_weight(conv.weight * k.reshape(shape), self.bits)
+        w = fake_quantize_weight(conv.weight * k.reshape(shape), self.bits, self.axis)
         if self.training and not self.frozen:
             y = conv._conv_forward(x, w, None) / k.reshape((1, -1) + shape[2:])
             if conv.bias is not None:

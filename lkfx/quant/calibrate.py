@@ -25,8 +25,9 @@ def _describe(batch: tuple[torch.Tensor, ...]) -> str:
     return ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in batch)
 
 
-def _batches(model: nn.Module, data: Any, num_batches: int) -> list[tuple[torch.Tensor, ...]]:
-    """The batches as tuples of positional inputs, checked for type, dtype, count and consistent shapes."""
+def _batches(model: nn.Module, data: Any, num_batches: int, batch_size: int = 0) -> list[tuple[torch.Tensor, ...]]:
+    """The batches as tuples of positional inputs, checked for type, dtype, count and consistent shapes; with
+    `batch_size` > 0 all samples, in order, re-cut into batches of that many (the last one may be smaller)."""
     if isinstance(data, (str, os.PathLike)):
         raise LkfxError(f"calibration data for a torch model is batches of tensors, not a path ({data}); load the "
                         "arrays first, e.g. [torch.from_numpy(a) for a in numpy.load(path).values()]")
@@ -35,9 +36,11 @@ def _batches(model: nn.Module, data: Any, num_batches: int) -> list[tuple[torch.
                         f"inputs for a model with several), got {type(data).__name__}")
     if not (isinstance(num_batches, int) and num_batches >= 0):
         raise LkfxError(f"num_batches must be an integer >= 0 (0 = all), got {num_batches!r}")
+    if not (isinstance(batch_size, int) and batch_size >= 0):
+        raise LkfxError(f"batch_size must be an integer >= 0 (0 = as given), got {batch_size!r}")
     batches = []
     for i, b in enumerate(data):
-        if num_batches and i == num_batches:
+        if num_batches and i == num_batches and not batch_size:
             break
         b = tuple(b) if isinstance(b, (tuple, list)) else (b,)
         if not b or not all(isinstance(t, torch.Tensor) for t in b):
@@ -53,6 +56,10 @@ def _batches(model: nn.Module, data: Any, num_batches: int) -> list[tuple[torch.
         batches.append(b)
     if not batches:
         raise LkfxError("calibration data has no batches")
+    if batch_size:
+        whole = [torch.cat(ts) for ts in zip(*batches, strict=True)]
+        batches = list(zip(*(t.split(batch_size) for t in whole), strict=True))
+        batches = batches[:num_batches] if num_batches and len(batches) >= num_batches else batches
     if num_batches and len(batches) < num_batches:
         raise LkfxError(f"num_batches={num_batches} but the calibration data has only {len(batches)} batches")
     if isinstance(model, torch.fx.GraphModule):
@@ -68,19 +75,21 @@ def _batches(model: nn.Module, data: Any, num_batches: int) -> list[tuple[torch.
 
 
 def calibrate(model: nn.Module, data: Iterable[Any], *, method: str | None = None, num_batches: int = 0,
-              **options: Any) -> nn.Module:
+              batch_size: int = 0, **options: Any) -> nn.Module:
     """Set the range of every `FakeQuant` in `model` (in place) from `data`; returns `model`.
 
     `data`: batches, each the model's input tensor or a tuple of its inputs (from an ``(x, y)`` loader pass
     ``(x for x, _ in loader)``). `method` (one of `lkfx.quant.observers.METHODS`) and `options` (percentile,
-    bins, search_start_scale, ...) override what the fake_quant pass chose. `num_batches`: 0 = all.
+    bins, search_start_scale, ...) override what the fake_quant pass chose. `num_batches`: 0 = all. `batch_size`
+    > 0 re-cuts all the samples into batches of that size (then `num_batches` counts those). A quantizer whose
+    search was overruled by the range guard (`lkfx.quant.observers.choose`) says so in its ``guard`` attribute.
     """
     from tqdm import tqdm
 
     quantizers = [(name, m) for name, m in model.named_modules() if isinstance(m, FakeQuant)]
     if not quantizers:
         raise LkfxError("the model has no fake-quant modules; run lkfx.transform(model, ['fake_quant']) first")
-    batches = _batches(model, data, num_batches)
+    batches = _batches(model, data, num_batches, batch_size)
     observers = [make_observer(method or m.method, bits=m.bits, symmetric=m.symmetric, **{**m.options, **options})
                  for _, m in quantizers]
     was_training = model.training
@@ -110,6 +119,7 @@ def calibrate(model: nn.Module, data: Iterable[Any], *, method: str | None = Non
             ranges.append(obs.range())
         except LkfxError as e:
             raise LkfxError(f"quantizer '{name}': {e} (the batches never reach it)") from e
-    for (_, m), (lo, hi) in zip(quantizers, ranges, strict=True):
+    for (_, m), (lo, hi), obs in zip(quantizers, ranges, observers, strict=True):
         m.set_range(lo, hi)
+        m.guard = getattr(obs, "guard", None)
     return model

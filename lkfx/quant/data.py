@@ -9,7 +9,10 @@ Accepted forms (``inputs`` is the model's ``{name: (shape, dtype)}``, ``None`` f
   array, a ``{name: array}`` dict or a tuple of arrays in input order. Torch tensors are accepted too.
 
 Each block of samples given is one batch, as given, when the model's batch dimension (dim 0) is free; when every
-input fixes it to the same B, a block is cut into batches of B samples. Every array must have the input's dtype,
+input fixes it to the same B, a block is cut into batches of B samples. With ``batch_size`` > 0 (fake_quant's
+``batch_size`` option, ``lkfx optimize --calib-batch-size N``) the batches no longer depend on how the data is laid
+out or named: all samples, in order, are cut into batches of ``batch_size`` (the last one may be smaller; a model
+whose batch dimension is fixed needs that size). Every array must have the input's dtype,
 rank and fixed dimensions and finite values (and, to be cut, as many samples as the other inputs of its block).
 ``num_batches`` > 0 takes the first that many batches and fails if there are fewer; a generator is read no further
 than that. Pickled arrays are never loaded.
@@ -30,25 +33,37 @@ InputSpec = Mapping[str, tuple[tuple[int | None, ...], np.dtype]]
 Batch = dict[str, np.ndarray]
 
 
-def load_calib_data(source: Any, inputs: InputSpec, *, num_batches: int = 0) -> list[Batch]:
+def load_calib_data(source: Any, inputs: InputSpec, *, num_batches: int = 0, batch_size: int = 0) -> list[Batch]:
     """The calibration batches in `source`, validated against `inputs` (see the module docstring)."""
     if source is None:
         raise LkfxError("fake_quant needs calibration data: pass calib_data= to lkfx.transform or --calib-data PATH "
                         "(a .npz file or a folder of .npy files holding input batches)")
-    if not isinstance(num_batches, int) or isinstance(num_batches, bool) or num_batches < 0:
-        raise LkfxError(f"num_batches must be an integer >= 0 (0 = all), got {num_batches!r}")
+    for key, value in (("num_batches", num_batches), ("batch_size", batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise LkfxError(f"{key} must be an integer >= 0 (0 = {'all' if key == 'num_batches' else 'as given'}), "
+                            f"got {value!r}")
     names = list(inputs)
     batches: list[Batch] = []
+    if batch_size:
+        blocks = [_check_block(block, inputs) for block in _blocks(source, names)]
+        if blocks:
+            whole = {n: np.concatenate([b[n] for b in blocks]) for n in names}
+            batches = _split(whole, inputs, batch_size)
+        return _take(batches, num_batches, source)
     for block in _blocks(source, names):
         batches += _split(_check_block(block, inputs), inputs)
         if num_batches and len(batches) >= num_batches:
             return batches[:num_batches]
+    return _take(batches, num_batches, source)
+
+
+def _take(batches: list[Batch], num_batches: int, source: Any) -> list[Batch]:
     if not batches:
         raise LkfxError(f"calibration data {_describe(source)} holds no batches")
     if num_batches > len(batches):
         raise LkfxError(f"calibration data {_describe(source)} holds {len(batches)} batches, fewer than "
                         f"num_batches={num_batches}; give more data or a smaller num_batches (0 = all)")
-    return batches
+    return batches[:num_batches] if num_batches else batches
 
 
 def input_spec(graph: Any) -> dict[str, tuple[tuple[int | None, ...], np.dtype]]:
@@ -174,10 +189,19 @@ def _shape(shape: tuple[int | None, ...]) -> str:
     return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
 
 
-def _split(block: Batch, inputs: InputSpec) -> list[Batch]:
-    """Cut a block into batches of the model's batch size B when every input fixes dim 0 to the same B; otherwise
-    the block is one batch."""
+def _split(block: Batch, inputs: InputSpec, batch_size: int = 0) -> list[Batch]:
+    """Cut a block into batches of `batch_size` samples (the last one may be smaller), or, without it, of the
+    model's batch size B when every input fixes dim 0 to the same B; otherwise the block is one batch."""
     fixed = {shape[0] if shape else None for shape, _ in inputs.values()}
+    if batch_size:
+        if fixed - {None, batch_size}:
+            raise LkfxError(f"batch_size={batch_size} but the model's batch dimension is fixed at "
+                            f"{', '.join(str(f) for f in fixed if f is not None)}; use that batch size")
+        n = next(iter(block.values())).shape[0]
+        if any(a.shape[0] != n for a in block.values()):
+            raise LkfxError(f"calibration inputs have different numbers of samples: "
+                            f"{ {k: a.shape[0] for k, a in block.items()} }")
+        return [{k: a[i:i + batch_size] for k, a in block.items()} for i in range(0, n, batch_size)]
     if len(fixed) != 1 or None in fixed:
         return [block]
     size = fixed.pop()

@@ -9,8 +9,10 @@ interpolated linearly inside a bin.
 ``kl``, ``symmetric_kl``, ``js``, ``mse``: a search over clipping ranges. Symmetric quantization (and asymmetric
 quantization of non-negative data) searches a threshold ``T`` on the |x| histogram; signed data under asymmetric
 quantization searches ``[r min, r max]``. Candidates are ``s * max`` for ``s`` from ``search_start_scale`` to
-``search_end_scale`` in steps of ``search_step`` (snapped to bin edges; the defaults 0.0625 .. 1 match TensorRT's
-entropy calibrator, whose first cut-off is bin 128 of 2048). For each candidate window of ``n`` bins the reference
+``search_end_scale`` in steps of ``search_step``, the end scale always included (each widened to the edge of the bin
+holding it, so ``s = 1`` keeps the maximum and any spike of values sitting on it; the defaults 0.0625 .. 1 match
+TensorRT's entropy calibrator, whose first cut-off is bin 128 of 2048; steps of 0.5 % of the max move the range by
+about one int8 step, finer ones only cost time). For each candidate window of ``n`` bins the reference
 ``P`` is the histogram inside it with the clipped outliers added to its end bins, and ``Q`` spreads the mass of
 each of ``L`` equal groups of the window's own bins (without the outliers, as TensorRT does) evenly over the
 group's non-zero bins (``L`` = the number of integer levels the window maps to,
@@ -22,6 +24,16 @@ P). With ``p, q`` normalised::
     js            (KL(P || M) + KL(Q || M)) / 2,  M = (P + Q) / 2
     mse           sum over all bins of count * (c - fake_quant(c))^2, c the bin centre
 
+All candidates are scored at once (numpy, in chunks). The choice is guarded (`choose`): a divergence measured bin
+by bin is easily fooled by spiky histograms (upscaled 4-bit images give every channel a few exact values; ReLU6
+piles values up at 6): smearing one spike over its group of ``Q`` can cost more than clipping a tenth of the data,
+and the search then collapses the range (0..1.1 on a ReLU6 output whose max is 6, 7.8 % of the values clipped). So
+ranges clipping more than ``MAX_CLIPPED`` (0.1 %) of the non-zero values are never chosen (the full range always
+qualifies), among the rest the widest one scoring within ``TOLERANCE`` (0.1 %, relative) of the best wins, and the
+observer's ``guard`` says when the unguarded best range would have clipped more (the pass reports it). A long tail
+is still cut (at most 0.1 % of the values), a spike at the clip value, a far second mode and a near-constant tensor
+are kept whole, as onnxruntime's / TensorRT's entropy calibrators keep them (tests/quant/test_observers.py).
+
 Exact zeros (a ReLU output's spike, padding) are left out of the searches: every grid represents 0 exactly, and
 the spike, spread over its group of bins by ``Q``, would otherwise dominate the divergence (TensorRT's
 calibrator likewise overwrites bin 0 with bin 1).
@@ -29,7 +41,9 @@ calibrator likewise overwrites bin 0 with bin 1).
 The histogram keeps negative and positive values on a grid anchored at 0 whose bin width is a power of two,
 the smallest for which max|x| spans at most ``2 * bins`` bins (so at least ``bins`` bins cover the data). A batch
 with a larger range doubles the width (adjacent bins are summed, which is exact), so histograms of any batches
-merge exactly and in any order, and `all_reduce` across processes gives the histogram of all the data.
+merge exactly and in any order, and `all_reduce` across processes gives the histogram of all the data. An update
+reads the batch in its own dtype: min / max (which also catch NaN and infinities), ``floor(x * 2^-e)`` (exact,
+a power-of-two scale), one ``bincount``, one count of exact zeros; no float64 copy.
 """
 
 from __future__ import annotations
@@ -44,10 +58,11 @@ from lkfx.errors import LkfxError
 from lkfx.quant.qparams import qparams, quant_range
 
 METHODS = ("minmax", "ema", "percentile", "kl", "symmetric_kl", "js", "mse")
+ALIASES = {"max": "minmax", "entropy": "kl"}  # the names onnxruntime / ModelOpt use
 OPTIONS: dict[str, Any] = {"percentile": 99.99, "bins": 2048, "search_start_scale": 0.0625, "search_end_scale": 1.0,
                            "search_step": 0.005, "momentum": 0.01}
 MAX_CLIPPED = 0.001  # a search range clipping more than this share of the (non-zero) values is not chosen
-TOLERANCE = 0.01  # scores within this (relative) of the smallest count as equal: the widest range wins
+TOLERANCE = 0.001  # scores within this (relative) of the smallest count as equal: the widest range wins
 
 
 def _distributed() -> bool:
@@ -180,7 +195,7 @@ class HistogramObserver(Observer):
                  search_end_scale: float, search_step: float, **kw: Any):
         super().__init__(**kw)
         self.method, self.size, self.percentile = method, 2 * bins, percentile
-        self.scales = np.arange(search_start_scale, search_end_scale + search_step / 2, search_step)
+        self.scales = np.append(np.arange(search_start_scale, search_end_scale, search_step), search_end_scale)
         self.exponent: int | None = None  # bin width is w = 2 ** exponent
         self.counts = torch.zeros(2 * self.size, dtype=torch.float64)  # [i]: x in [(i - size) w, (i + 1 - size) w)
         self.zeros = 0.0  # exact zeros (also counted in counts[size])
@@ -266,21 +281,20 @@ class HistogramObserver(Observer):
                 hi = _quantile(h[size:] + h[size - 1::-1], p) * w
                 lo = -hi if self.symmetric else 0.0
         elif signed:
-            nneg, npos = math.ceil(-self.lo / w), math.ceil(self.hi / w)
-            windows = [(size - math.ceil(s * nneg), size + math.ceil(s * npos)) for s in self.scales]
+            windows = [(size + math.floor(s * self.lo / w), size + math.floor(s * self.hi / w) + 1)
+                       for s in self.scales]
             a, b = self._search(h, windows, qmax - qmin + 1, w, size)
             lo, hi = (a - size) * w, (b - size) * w
         else:
             amax = max(-self.lo, self.hi)
             levels = qmax + 1 if self.symmetric else qmax - qmin + 1
-            windows = [(0, math.ceil(s * amax / w)) for s in self.scales]
+            windows = [(0, math.floor(s * amax / w) + 1) for s in self.scales]  # the bin of s * amax included
             hi = self._search(h[size:] + h[size - 1::-1], windows, levels, w, 0)[1] * w
             lo = -hi if self.symmetric else 0.0
         lo, hi = max(lo, min(self.lo, 0.0)), min(hi, max(self.hi, 0.0))
         edges = (np.arange(2 * size + 1) - size) * w
         counts = self.counts.numpy()
-        inside = counts[(edges[:-1] >= lo) & (edges[1:] <= hi)].sum()
-        self.clipped = float(max(counts.sum() - inside, 0.0) / max(counts.sum(), 1.0))
+        self.clipped = float(counts[(edges[:-1] > hi) | (edges[1:] <= lo)].sum() / max(counts.sum(), 1.0))
         return torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32)
 
     def _search(self, h: np.ndarray, windows: list[tuple[int, int]], levels: int, w: float, zero: int
@@ -326,7 +340,7 @@ def choose(h: np.ndarray, windows: np.ndarray, scores: np.ndarray) -> tuple[int,
 
     def widest_near(ok: np.ndarray, tolerance: float) -> int:
         low = scores[ok].min()
-        near = np.flatnonzero(ok & (scores <= low + tolerance * abs(low)))
+        near = np.flatnonzero(ok & (scores <= low + tolerance * abs(low)) if np.isfinite(low) else ok)
         return int(near[np.argmax(width[near])])
 
     kept = widest_near((clipped <= MAX_CLIPPED) | (width == width.max()), TOLERANCE)
@@ -388,11 +402,13 @@ def _mse(h: np.ndarray, centres: np.ndarray, lo: np.ndarray, hi: np.ndarray, lev
 
 def make_observer(method: str, *, bits: int = 8, symmetric: bool = False, axis: int | None = None,
                   **options: Any) -> Observer:
-    """An observer for `method` (one of `METHODS`). Options (any of `OPTIONS`; each method reads its own):
-    ``percentile`` (percentile), ``bins`` (histogram methods), ``search_start_scale`` / ``search_end_scale`` /
-    ``search_step`` (kl, symmetric_kl, js, mse), ``momentum`` (ema)."""
+    """An observer for `method` (one of `METHODS`, or an alias in `ALIASES`). Options (any of `OPTIONS`; each
+    method reads its own): ``percentile`` (percentile), ``bins`` (histogram methods), ``search_start_scale`` /
+    ``search_end_scale`` / ``search_step`` (kl, symmetric_kl, js, mse), ``momentum`` (ema)."""
+    method = ALIASES.get(method, method)
     if method not in METHODS:
-        raise LkfxError(f"unknown calibration method {method!r}; valid methods: {', '.join(METHODS)}")
+        raise LkfxError(f"unknown calibration method {method!r}; valid methods: {', '.join(METHODS)} "
+                        f"(aliases: {', '.join(f'{a}={m}' for a, m in ALIASES.items())})")
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise LkfxError(f"unknown observer option(s) {', '.join(map(repr, unknown))}; valid options: "

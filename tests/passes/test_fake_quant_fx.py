@@ -226,7 +226,7 @@ def test_uncalibrated_model_says_what_to_do():
 @pytest.mark.parametrize(("option", "value", "match"), [
     ("placement", "trt", "placement must be one of tensorrt, ort"),
     ("weight_bits", 9, "weight_bits"),
-    ("method", "entropy", "valid methods"),
+    ("method", "entropie", "valid methods"),
     ("search_step", 0, "search_step"),
 ])
 def test_bad_options(option, value, match):

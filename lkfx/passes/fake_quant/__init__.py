@@ -34,7 +34,8 @@ from lkfx.passes import Pass, PassContext, register_pass
 @register_pass
 class FakeQuant(Pass):
     name = "fake_quant"
-    summary = "Insert fake-quant (QDQ) for int8: per-channel weights, calibrated activations; QAT on torch."
+    summary = ("Insert fake-quant (QDQ) for int8: per-channel weights, calibrated activations; QAT on torch. "
+               "Methods: minmax (alias max), ema, percentile, kl (alias entropy), symmetric_kl, js, mse.")
     options = {
         "method": "percentile",
         "percentile": 99.99,
@@ -47,6 +48,11 @@ class FakeQuant(Pass):
         "act_symmetric": False,
         "placement": "tensorrt",
         "num_batches": 0,
+        "batch_size": 0,
+        "per_channel": True,
+        "exclude": "",
+        "fallback": "none",
+        "fallback_bound": 0.05,
         "qat": False,
     }
     exact = False
@@ -65,9 +71,15 @@ class FakeQuant(Pass):
     def run_fx(self, gm: Any, ctx: PassContext) -> Any:
         from lkfx.passes.fake_quant.fx import run_fx
 
-        return run_fx(gm, ctx, self.config)
+        return run_fx(gm, ctx, self._config())
 
     def run_onnx(self, graph: Any, ctx: PassContext) -> None:
         from lkfx.passes.fake_quant.onnx import run_onnx
 
-        run_onnx(graph, ctx, self.config)
+        run_onnx(graph, ctx, self._config())
+
+    def _config(self) -> dict[str, Any]:
+        """The options, `exclude` as a list (given as a list or a ';'-separated string)."""
+        value = self.config["exclude"]
+        items = value.split(";") if isinstance(value, str) else list(value)
+        return {**self.config, "exclude": [str(i).strip() for i in items if str(i).strip()]}

@@ -24,6 +24,7 @@ calibrated at the end (`lkfx.calibrate`); otherwise call `lkfx.calibrate` (or, f
 
 from __future__ import annotations
 
+import copy
 import operator
 from typing import Any
 
@@ -56,8 +57,14 @@ def check_config(config: dict[str, Any]) -> None:
     for key in ("weight_bits", "act_bits"):
         if not (isinstance(config[key], int) and 2 <= config[key] <= 8):
             raise LkfxError(f"fake_quant {key} must be an integer from 2 to 8, got {config[key]!r}")
-    if not (isinstance(config["num_batches"], int) and config["num_batches"] >= 0):
-        raise LkfxError(f"fake_quant num_batches must be an integer >= 0 (0 = all), got {config['num_batches']!r}")
+    for key in ("num_batches", "batch_size"):
+        if not (isinstance(config[key], int) and config[key] >= 0):
+            meaning = "all" if key == "num_batches" else "as given"
+            raise LkfxError(f"fake_quant {key} must be an integer >= 0 (0 = {meaning}), got {config[key]!r}")
+    if config["fallback"] not in ("none", "auto"):
+        raise LkfxError(f"fake_quant fallback must be 'none' or 'auto', got {config['fallback']!r}")
+    if not (isinstance(config["fallback_bound"], (int, float)) and config["fallback_bound"] > 0):
+        raise LkfxError(f"fake_quant fallback_bound must be a number > 0, got {config['fallback_bound']!r}")
     make_observer(config["method"], **observer_options(config))  # validates the method and its options
 
 
@@ -74,6 +81,36 @@ def _is(node: fx.Node, functions: set, methods: tuple[str, ...], modules: tuple[
     if node.op == "call_module":
         return isinstance(node.graph.owning_module.get_submodule(node.target), modules)
     return False
+
+
+_OP_TYPES = {"conv": "Conv", "conv_transpose": "ConvTranspose", "linear": "Gemm"}  # FX kinds as ONNX op types
+
+
+def _excluded(gm: fx.GraphModule, view: FxView, exclude: list[str]) -> set[fx.Node]:
+    """The nodes `exclude` names: by node name, module path, module class (``Conv2d``) or ONNX op type (``Conv``,
+    ``Gemm``, ``MatMul``, ``Add``: the same entries work on both frontends). An entry naming nothing is an error."""
+    def names(node: fx.Node) -> set[str]:
+        out = {node.name, *([node.target] if isinstance(node.target, str) else [])}
+        if node.op == "call_module":
+            out.add(type(gm.get_submodule(node.target)).__name__)
+        kind = view.kind(node)
+        if kind in _OP_TYPES:
+            out.add(_OP_TYPES[kind])
+        if _is(node, _MATMUL, ("matmul", "mm", "bmm")):
+            out.add("MatMul")
+        if _is(node, _ADD, ("add", "add_")):
+            out.add("Add")
+        return out
+
+    table = {n: names(n) for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")}
+    out: set[fx.Node] = set()
+    for entry in exclude:
+        hit = {n for n, ns in table.items() if entry in ns}
+        if not hit:
+            raise LkfxError(f"exclude: '{entry}' names no node of the model (give a node name, a module path, a "
+                            "module class such as Conv2d, or an op type: Conv, ConvTranspose, Gemm, MatMul, Add)")
+        out |= hit
+    return out
 
 
 def _is_activation(value: Any) -> bool:
@@ -100,7 +137,8 @@ def _fuse_refusal(gm: fx.GraphModule, view: FxView, conv_node: fx.Node, bn_node:
     return None
 
 
-def _fuse_conv_bn(gm: fx.GraphModule, view: FxView, bits: int, ctx: PassContext) -> int:
+def _fuse_conv_bn(gm: fx.GraphModule, view: FxView, bits: int, ctx: PassContext, per_channel: bool,
+                  excluded: set[fx.Node]) -> int:
     """QAT: module conv -> module BatchNorm pairs become one ConvBnFakeQuant (under the conv's name)."""
     fused = 0
     for bn_node in view.candidates(frozenset({"batch_norm"})):
@@ -109,13 +147,15 @@ def _fuse_conv_bn(gm: fx.GraphModule, view: FxView, bits: int, ctx: PassContext)
                 or view.kind(conv_node) != "conv":
             continue
         where = f"{conv_node.target} + {bn_node.target}"
+        if conv_node in excluded:
+            continue
         ctx.report.matched += 1
         reason = _fuse_refusal(gm, view, conv_node, bn_node)
         if reason:
             ctx.report.skip(where, f"conv->bn (QAT fold): {reason}")
             continue
         conv, bn = gm.get_submodule(conv_node.target), gm.get_submodule(bn_node.target)
-        gm.add_submodule(conv_node.target, ConvBnFakeQuant(conv, bn, bits))
+        gm.add_submodule(conv_node.target, ConvBnFakeQuant(conv, bn, bits, per_channel))
         bn_node.replace_all_uses_with(conv_node)
         gm.graph.erase_node(bn_node)
         fused += 1
@@ -141,11 +181,15 @@ def _functional_conv(gm: fx.GraphModule, node: fx.Node, module: nn.Module, weigh
                                              module.groups))
 
 
-def _quantize_weights(gm: fx.GraphModule, view: FxView, bits: int, ctx: PassContext) -> int:
-    done = 0
+def _quantize_weights(gm: fx.GraphModule, view: FxView, config: dict[str, Any], ctx: PassContext,
+                      excluded: set[fx.Node]) -> int:
+    done, bits = 0, config["weight_bits"]
     for node in view.candidates(frozenset({"conv", "linear", "conv_transpose"})):
         ctx.report.matched += 1
         where, info = view.describe(node), view.conv(node)
+        if node in excluded:
+            ctx.report.skip(where, f"excluded (exclude={';'.join(config['exclude'])}): weight and input stay float")
+            continue
         if info.weight is None:
             ctx.report.skip(where, "the weight is computed in the graph, not a parameter")
             continue
@@ -156,7 +200,8 @@ def _quantize_weights(gm: fx.GraphModule, view: FxView, bits: int, ctx: PassCont
             ctx.report.skip(where, "ConvTranspose called with output_size")
             continue
         name = view.fresh_name(f"{node.name}_weight_fq")
-        gm.add_submodule(name, WeightFakeQuant(bits, axis=1 if info.transposed else 0))
+        axis = (1 if info.transposed else 0) if config["per_channel"] else None
+        gm.add_submodule(name, WeightFakeQuant(bits, axis=axis))
         with gm.graph.inserting_before(node):
             if node.op == "call_module":
                 module = gm.get_submodule(node.target)
@@ -171,10 +216,14 @@ def _quantize_weights(gm: fx.GraphModule, view: FxView, bits: int, ctx: PassCont
     return done
 
 
-def _placement(gm: fx.GraphModule, view: FxView, placement: str) -> tuple[list[tuple[fx.Node, fx.Node]], list[fx.Node]]:
-    """(source, consumer) pairs whose consumer must read the quantized source, and sources quantized for all."""
+def _placement(gm: fx.GraphModule, view: FxView, placement: str, excluded: set[fx.Node]
+               ) -> tuple[list[tuple[fx.Node, fx.Node]], list[fx.Node]]:
+    """(source, consumer) pairs whose consumer must read the quantized source, and sources quantized for all;
+    nothing for an `excluded` consumer."""
 
     def layer_inputs(node: fx.Node) -> list | None:
+        if node in excluded:
+            return None
         fused = node.op == "call_module" and isinstance(gm.get_submodule(node.target), ConvBnFakeQuant)
         if fused or view.kind(node) in ("conv", "conv_transpose", "linear"):
             return [node.args[0]]
@@ -189,7 +238,8 @@ def _placement(gm: fx.GraphModule, view: FxView, placement: str) -> tuple[list[t
     outputs: list[fx.Node] = []
     for node in gm.graph.nodes:
         srcs = layer_inputs(node)
-        if srcs is None and _is(node, _ADD, ("add", "add_")) and sum(_is_activation(a) for a in node.args[:2]) == 2:
+        if srcs is None and node not in excluded and _is(node, _ADD, ("add", "add_")) \
+                and sum(_is_activation(a) for a in node.args[:2]) == 2:
             srcs = list(node.args[:2])
             if placement == "tensorrt":
                 skip = residual_skip(srcs, lambda v: layer_inputs(v) is not None, parents)
@@ -204,8 +254,8 @@ def _placement(gm: fx.GraphModule, view: FxView, placement: str) -> tuple[list[t
     return inputs, outputs
 
 
-def _quantize_activations(gm: fx.GraphModule, view: FxView, config: dict[str, Any]) -> int:
-    inputs, outputs = _placement(gm, view, config["placement"])
+def _quantize_activations(gm: fx.GraphModule, view: FxView, config: dict[str, Any], excluded: set[fx.Node]) -> int:
+    inputs, outputs = _placement(gm, view, config["placement"], excluded)
     last_input = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
     quantized: dict[fx.Node, fx.Node] = {}
 
@@ -234,9 +284,13 @@ def run_fx(gm: fx.GraphModule, ctx: PassContext, config: dict[str, Any]) -> fx.G
     check_config(config)
     if not any(n.op == "placeholder" for n in gm.graph.nodes):
         raise LkfxError("fake_quant needs a model with at least one input")
+    if config["fallback"] == "auto" and (config["qat"] or ctx.calib_data is None):
+        raise LkfxError("fallback=auto measures the quantized model on calibration data: give calib_data= to "
+                        "lkfx.transform (and qat=false)")
     report = ctx.report
     if config["qat"]:
-        fused = _fuse_conv_bn(gm, FxView(gm), config["weight_bits"], ctx)
+        excluded = _excluded(gm, FxView(gm), config["exclude"])
+        fused = _fuse_conv_bn(gm, FxView(gm), config["weight_bits"], ctx, config["per_channel"], excluded)
         report.rewritten += fused
         report.note(f"QAT: {fused} conv + BatchNorm pair(s) fused (BN folded into fake-quantized weights)")
     else:
@@ -245,19 +299,102 @@ def run_fx(gm: fx.GraphModule, ctx: PassContext, config: dict[str, Any]) -> fx.G
         report.note(f"fold_bn first: {sub.rewritten} BatchNorm(s) folded")
         for s in sub.skipped:
             report.skip(s.where, f"fold_bn: {s.reason}")
+        excluded = _excluded(gm, FxView(gm), config["exclude"])
+    reference = copy.deepcopy(gm) if config["fallback"] == "auto" else None
     view = FxView(gm)
-    weights = _quantize_weights(gm, view, config["weight_bits"], ctx)
-    activations = _quantize_activations(gm, FxView(gm), config)
+    weights = _quantize_weights(gm, view, config, ctx, excluded)
+    activations = _quantize_activations(gm, FxView(gm), config, excluded)
     report.matched += activations
     report.rewritten += weights + activations
     kind = "symmetric" if config["act_symmetric"] else "asymmetric"
-    report.note(f"{weights} weight quantizer(s) (int{config['weight_bits']}, symmetric per output channel), "
+    axis = "per output channel" if config["per_channel"] else "per tensor"
+    report.note(f"{weights} weight quantizer(s) (int{config['weight_bits']}, symmetric {axis}), "
                 f"{activations} activation quantizer(s) (int{config['act_bits']} {kind} per tensor, "
-                f"{config['method']}, placement {config['placement']})")
+                f"{config['method']})")
+    report.note(PLACEMENT_NOTES[config["placement"]])
     gm = view.finish()
     if ctx.calib_data is not None:
         from lkfx.quant.calibrate import calibrate
 
-        calibrate(gm, ctx.calib_data, num_batches=config["num_batches"])
+        calibrate(gm, ctx.calib_data, num_batches=config["num_batches"], batch_size=config["batch_size"])
         report.note(f"calibrated with {config['method']}")
+        for name, m in gm.named_modules():
+            if isinstance(m, FakeQuant) and m.guard:
+                report.note(f"range of {name}: {m.guard}")
+        if reference is not None:
+            _fallback(gm, reference, ctx.calib_data, config, report)
     return gm
+
+
+PLACEMENT_NOTES = {
+    "tensorrt": "placement=tensorrt: fake-quant only on layer inputs and residual skips, the QDQ layout TensorRT "
+                "fuses into int8 kernels; exported to ONNX, onnxruntime runs it partly in float (on CPU ~3x slower "
+                "than placement=ort): for onnxruntime use placement=ort",
+    "ort": "placement=ort: fake-quant on the inputs and outputs of every quantized op, the QDQ layout onnxruntime "
+           "turns into integer kernels; for TensorRT use placement=tensorrt",
+}
+
+
+def _fallback(gm: fx.GraphModule, reference: fx.GraphModule, data: Any, config: dict[str, Any], report: Any) -> None:
+    """Keep the worst layers in float (weight and inputs read unquantized) until the output error
+    ``||y_int8 - y||_2 / ||y||_2`` over the calibration batches is at most ``fallback_bound``: each quantized layer
+    alone (the others float) is measured, then the worst are kept in float one by one (as on ONNX)."""
+    from lkfx.quant.calibrate import _batches
+
+    batches = _batches(gm, data, config["num_batches"])
+    with torch.no_grad():
+        expected = [_flat(reference(*b)) for b in batches]
+    quantizers = (FakeQuant, WeightFakeQuant)
+    layers = {}
+    for node in gm.graph.nodes:
+        fq = [a for a in node.all_input_nodes
+              if a.op == "call_module" and isinstance(gm.get_submodule(a.target), quantizers)]
+        weights = [a for a in fq if isinstance(gm.get_submodule(a.target), WeightFakeQuant)]
+        if weights:
+            source = weights[0].args[0]
+            name = source.target.rsplit(".", 1)[0] if source.op == "get_attr" else node.name
+            layers[name] = (node, fq)
+
+    def set_float(names: set[str], on: bool) -> None:
+        for name in names:
+            node, fq = layers[name]
+            for q in fq:
+                node.replace_input_with(*((q, q.args[0]) if on else (q.args[0], q)))
+        gm.recompile()
+
+    def error(names: set[str]) -> float:
+        set_float(names, True)
+        was = gm.training
+        gm.eval()
+        with torch.no_grad():
+            got = [_flat(gm(*b)) for b in batches]
+        gm.train(was)
+        set_float(names, False)
+        num = sum(float(((g - e) ** 2).sum()) for g, e in zip(got, expected, strict=True))
+        return (num / max(sum(float((e**2).sum()) for e in expected), 1e-30)) ** 0.5
+
+    bound, start = config["fallback_bound"], error(set())
+    if start <= bound:
+        report.note(f"fallback=auto: output error {start:.4f} <= fallback_bound={bound}: every layer quantized")
+        return
+    alone = {k: error(set(layers) - {k}) for k in layers}
+    kept: set[str] = set()
+    err = start
+    for k in sorted(layers, key=alone.get, reverse=True):
+        kept.add(k)
+        report.skip(k, f"kept in float by fallback=auto: quantized alone it moves the output by {alone[k]:.4f}")
+        err = error(kept)
+        if err <= bound:
+            break
+    set_float(kept, True)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    report.rewritten -= len(kept)
+    report.note(f"fallback=auto: output error {start:.4f} -> {err:.4f} (fallback_bound={bound}) with "
+                f"{len(kept)} layer(s) kept in float: {', '.join(sorted(kept))}")
+
+
+def _flat(out: Any) -> torch.Tensor:
+    return torch.cat([t.detach().double().reshape(-1) for t in torch.utils._pytree.tree_leaves(out)
+                      if isinstance(t, torch.Tensor)])

@@ -62,13 +62,15 @@ def run_onnx(graph: gs.Graph, ctx: PassContext, config: dict) -> None:
     from lkfx.quant.data import input_spec, load_calib_data
 
     make_observer = _observer_factory(graph, config)
-    batches = load_calib_data(ctx.calib_data, input_spec(graph), num_batches=config["num_batches"])
+    batches = load_calib_data(ctx.calib_data, input_spec(graph), num_batches=config["num_batches"],
+                              batch_size=config["batch_size"])
     report = ctx.report
     _fold_bn(graph, report)
 
     view = OnnxView(graph)
+    excluded = _excluded(graph, view, config["exclude"])
     floats = _float_tensors(graph)
-    layers = []
+    layers = {}
     for node in graph.nodes:
         if node.op not in LAYERS or node.domain not in (None, "", "ai.onnx"):
             continue
@@ -77,43 +79,143 @@ def run_onnx(graph: gs.Graph, ctx: PassContext, config: dict) -> None:
         if isinstance(weight, str):
             report.skip(view.describe(node), weight)
         else:
-            layers.append((node, *weight))
-    layer_nodes = {id(n) for n, *_ in layers}
+            layers[view.describe(node)] = weight
+    nodes = {view.describe(n): n for n in graph.nodes}
+    layer_nodes = {id(nodes[k]) for k in layers}
     if config["placement"] == "tensorrt":
-        points = _tensorrt_points(view, layers, layer_nodes, floats)
+        points = _tensorrt_points(view, [nodes[k] for k in layers], layer_nodes, floats)
     else:
         points = _ort_points(view, graph, layer_nodes, floats)
+    points = {name: [view.describe(r) for r in readers if view.describe(r) not in excluded]
+              for name, (_, readers) in points.items()}
+    points = {name: readers for name, readers in points.items() if readers}
 
-    same = _same_grid(points)
-    qp = _calibrate(graph, {k: v for k, v in points.items() if k not in same}, batches, make_observer)
-    for name in same:
-        src = same[name]
-        while src in same:
-            src = same[src]
-        qp[name] = qp[src]
-    names = view.fresh_name
-    for node, w, axis in layers:
-        s_w = _quantize_weight(graph, names, node, w, axis, config["weight_bits"])
-        x = node.inputs[0]
-        if config["placement"] == "ort" and x.name in qp:
-            _quantize_bias(view, graph, names, node, qp[x.name][0] * s_w)
-        report.rewritten += 1
-    act_type = np.int8 if config["act_symmetric"] else np.uint8
-    for name, (tensor, readers) in points.items():
-        _insert_qdq(graph, names, tensor, readers, *qp[name], act_type)
+    qp, guards = _calibrate(graph, points, batches, make_observer)
+    for name, guard in guards.items():
+        report.note(f"range of {name}: {guard}")
+    keep = dict.fromkeys(k for k in layers if k in excluded)
+    for k in keep:
+        report.skip(k, f"excluded (exclude={';'.join(config['exclude'])}): weight and input stay float")
+    if config["fallback"] == "auto":
+        for k, why in _fallback(graph, layers, points, qp, batches, config, set(keep), report).items():
+            keep[k] = None
+            report.skip(k, f"kept in float by fallback=auto: {why}")
+    _apply(graph, layers, points, qp, config, set(keep))
+    report.rewritten += len(layers) - len(keep)
     graph.cleanup().toposort()
-    report.note(f"weights: {report.rewritten} layers, {config['weight_bits']}-bit symmetric per output channel")
+    axis = "per output channel" if config["per_channel"] else "per tensor"
+    report.note(f"weights: {report.rewritten} layers, {config['weight_bits']}-bit symmetric {axis}")
     report.note(f"activations: {len(points)} tensors, {'int8 symmetric' if config['act_symmetric'] else 'uint8'} "
-                f"per tensor, placement={config['placement']}, calibrated with {config['method']} on "
-                f"{len(batches)} batches")
+                f"per tensor, calibrated with {config['method']} on {len(batches)} batches")
+    report.note(PLACEMENT_NOTES[config["placement"]])
+
+
+PLACEMENT_NOTES = {
+    "tensorrt": "placement=tensorrt: QDQ only on layer inputs and residual skips, the layout TensorRT fuses into int8 "
+                "kernels; onnxruntime runs such a model partly in float (on CPU ~3x slower than placement=ort): for "
+                "onnxruntime use placement=ort",
+    "ort": "placement=ort: QDQ on the inputs and outputs of every quantized op and int32 biases, the layout "
+           "onnxruntime turns into integer kernels (QLinearConv, QLinearAdd, ...); for TensorRT use "
+           "placement=tensorrt",
+}
+
+
+def _excluded(graph: gs.Graph, view: OnnxView, exclude: list[str]) -> set[str]:
+    """Names (`OnnxView.describe`) of the nodes that `exclude` names, by node name or op type; an entry that names
+    nothing is an error (a typo would otherwise quantize the layer silently)."""
+    out = set()
+    for entry in exclude:
+        hit = {view.describe(n) for n in graph.nodes if entry in (n.name, n.op, view.describe(n))}
+        if not hit:
+            raise LkfxError(f"exclude: '{entry}' is neither a node name nor an op type of the model (op types: "
+                            f"{', '.join(sorted({n.op for n in graph.nodes}))})")
+        out |= hit
+    return out
+
+
+def _apply(graph: gs.Graph, layers: dict[str, tuple[np.ndarray, int]], points: dict[str, list[str]], qp: dict,
+           config: dict, keep: set[str]) -> None:
+    """Quantize the weights of `layers` and insert QDQ on `points` for their readers, except nodes in `keep`."""
+    view = OnnxView(graph)
+    nodes, tensors = {view.describe(n): n for n in graph.nodes}, graph.tensors()
+    names = view.fresh_name
+    for key, (w, axis) in layers.items():
+        if key in keep:
+            continue
+        node = nodes[key]
+        s_w = _quantize_weight(graph, names, node, w, axis, config["weight_bits"], config["per_channel"])
+        x = node.inputs[0]
+        if config["placement"] == "ort" and x.name in points and key in points[x.name]:
+            _quantize_bias(view, graph, names, node, qp[x.name][0] * s_w)
+    act_type = np.int8 if config["act_symmetric"] else np.uint8
+    for name, readers in points.items():
+        readers = [nodes[k] for k in readers if k not in keep]
+        if readers:
+            _insert_qdq(graph, names, tensors[name], readers, *qp[name], act_type)
+
+
+def _fallback(graph: gs.Graph, layers: dict, points: dict, qp: dict, batches: list, config: dict, keep: set[str],
+              report: PassReport) -> dict[str, str]:
+    """Layers to keep in float so that the output error ``||y_int8 - y||_2 / ||y||_2`` over the calibration batches
+    is at most ``fallback_bound``: each quantized layer alone (the others float) is measured, then the worst are kept
+    in float one by one until the whole model is within the bound. Returns ``{layer: why}``."""
+    bound = config["fallback_bound"]
+    base = graph.copy()
+    reference = _outputs(base, batches)
+
+    def error(float_layers: set[str]) -> float:
+        g = base.copy()
+        _apply(g, layers, points, qp, config, keep | float_layers)
+        g.cleanup().toposort()
+        got = _outputs(g, batches)
+        num = sum(float(np.sum((a.astype(np.float64) - b) ** 2)) for a, b in zip(got, reference, strict=True))
+        return (num / max(sum(float(np.sum(b.astype(np.float64) ** 2)) for b in reference), 1e-30)) ** 0.5
+
+    start = error(set())
+    candidates = [k for k in layers if k not in keep]
+    if start <= bound or not candidates:
+        report.note(f"fallback=auto: output error {start:.4f} <= fallback_bound={bound}: every layer quantized"
+                    if start <= bound else f"fallback=auto: output error {start:.4f} > {bound}, no layer left")
+        return {}
+    alone = {k: error(set(candidates) - {k}) for k in candidates}
+    out: dict[str, str] = {}
+    err = start
+    for k in sorted(candidates, key=alone.get, reverse=True):
+        out[k] = f"quantized alone it moves the output by {alone[k]:.4f}"
+        err = error(set(out))
+        if err <= bound:
+            break
+    report.note(f"fallback=auto: output error {start:.4f} -> {err:.4f} (fallback_bound={bound}) with "
+                f"{len(out)} layer(s) kept in float: {', '.join(out)}")
+    return out
+
+
+def _outputs(graph: gs.Graph, batches: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    """The graph's outputs on every batch (onnxruntime, CPU), each output concatenated over the batches."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(gs.export_onnx(graph, do_type_check=False).SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    runs = [sess.run(None, b) for b in batches]
+    return [np.concatenate([r[i].ravel() for r in runs]) for i in range(len(runs[0]))]
 
 
 def _observer_factory(graph: gs.Graph, config: dict):
     """Check the model and the options that concern ONNX; return a function making one activation observer."""
     from lkfx.quant.observers import make_observer
 
-    if config["placement"] not in ("tensorrt", "ort"):
+    if config["placement"] not in PLACEMENT_NOTES:
         raise LkfxError(f"placement must be 'tensorrt' or 'ort', got {config['placement']!r}")
+    if config["qat"]:
+        raise LkfxError("qat=true is for torch models (it fuses conv + BN into trainable fake-quant modules); an ONNX "
+                        "model cannot be trained here: drop qat (post-training calibration), or run fake_quant with "
+                        "qat=true on the torch model and export it")
+    if config["fallback"] not in ("none", "auto"):
+        raise LkfxError(f"fallback must be 'none' or 'auto', got {config['fallback']!r}")
+    if not (isinstance(config["fallback_bound"], (int, float)) and config["fallback_bound"] > 0):
+        raise LkfxError(f"fallback_bound must be a number > 0, got {config['fallback_bound']!r}")
     if config["act_bits"] != 8:
         raise LkfxError(f"act_bits={config['act_bits']!r}: on ONNX activations are 8-bit (QuantizeLinear saturates to "
                         "the 8-bit type); use act_bits=8")
@@ -192,7 +294,7 @@ def _tensorrt_points(view: OnnxView, layers: list, layer_nodes: set[int], floats
     def parents(t: Any) -> list:
         return [i for i in t.inputs[0].inputs if _activation(view, i, floats)] if t.inputs else []
 
-    for node, *_ in layers:
+    for node in layers:
         add(node.inputs[0], node)
     for node in view.candidates(frozenset({"Add"})):
         ins = node.inputs
@@ -223,29 +325,34 @@ def _ort_points(view: OnnxView, graph: gs.Graph, layer_nodes: set[int], floats: 
     return points
 
 
-def _same_grid(points: dict) -> dict[str, str]:
+def _same_grid(graph: gs.Graph, points: dict) -> dict[str, str]:
     """Point -> the point whose (scale, zero point) it reuses: the output of an op that only moves or selects values
     (MaxPool, Flatten, Reshape, ...) of a quantized input keeps the input's grid. Exact (max and moves commute with
     rounding), and onnxruntime then runs the op on the integers with no requantization."""
     out = {}
-    for name, (t, _) in points.items():
+    tensors = graph.tensors()
+    for name in points:
+        t = tensors[name]
         producer = t.inputs[0] if t.inputs else None
         if producer is not None and producer.op in VALUE_MOVING and producer.inputs[0].name in points:
             out[name] = producer.inputs[0].name
     return out
 
 
-def _calibrate(graph: gs.Graph, points: dict, batches: list[dict[str, np.ndarray]], make_observer) -> dict:
-    """Run onnxruntime over the batches, observe each point, return ``{name: (scale, zero_point)}``."""
+def _calibrate(graph: gs.Graph, points: dict, batches: list[dict[str, np.ndarray]], make_observer
+               ) -> tuple[dict, dict[str, str]]:
+    """Run onnxruntime over the batches, observe each point (a point reusing another's grid takes its
+    parameters), return ``({name: (scale, zero_point)}, {name: what the range guard did})``."""
     import onnxruntime as ort
     import torch
     from tqdm import tqdm
 
-    if not points:
-        return {}
-    observers = {name: make_observer() for name in points}
+    same = _same_grid(graph, points)
+    observers = {name: make_observer() for name in points if name not in same}
+    if not observers:
+        return {}, {}
     inputs = {t.name for t in graph.inputs}
-    fetch = [n for n in points if n not in inputs]
+    fetch = [n for n in observers if n not in inputs]
     probe = graph.copy()
     tensors = probe.tensors()
     probe.outputs = [tensors[n] for n in fetch]
@@ -259,11 +366,18 @@ def _calibrate(graph: gs.Graph, points: dict, batches: list[dict[str, np.ndarray
         values = dict(zip(fetch, sess.run(fetch, batch), strict=True)) if fetch else {}
         for name, obs in observers.items():
             obs.update(torch.from_numpy(np.ascontiguousarray(values[name] if name in values else batch[name])))
-    out = {}
+    out, guards = {}, {}
     for name, obs in observers.items():
         scale, zero_point = obs.qparams()
         out[name] = (np.float32(scale.item()), int(zero_point.item()))
-    return out
+        if getattr(obs, "guard", None):
+            guards[name] = obs.guard
+    for name in same:
+        src = same[name]
+        while src in same:
+            src = same[src]
+        out[name] = out[src]
+    return out, guards
 
 
 Names = Callable[[str], str]  # OnnxView.fresh_name
@@ -280,21 +394,28 @@ def _dq(graph: gs.Graph, names: Names, base: str, q: np.ndarray, scale: np.ndarr
     return out
 
 
-def _quantize_weight(graph: gs.Graph, names: Names, node: gs.Node, w: np.ndarray, axis: int, bits: int) -> np.ndarray:
-    """Replace the layer's weight by int8 + per-channel DequantizeLinear; return the scales (float64)."""
+def _quantize_weight(graph: gs.Graph, names: Names, node: gs.Node, w: np.ndarray, axis: int, bits: int,
+                     per_channel: bool = True) -> np.ndarray:
+    """Replace the layer's weight by int8 + DequantizeLinear, per output channel (or one scale for the tensor, then
+    repeated per channel for the bias); return the scales (float64), one per output channel."""
     import torch
 
     from lkfx.quant.qparams import qparams, quant_range
 
     others = tuple(i for i in range(w.ndim) if i != axis)
-    amax = torch.from_numpy(np.abs(w).max(axis=others).astype(np.float64))
-    scale = qparams(-amax, amax, bits=bits, symmetric=True)[0].numpy()
+    amax = np.abs(w).max(axis=others).astype(np.float64)
+    if not per_channel:
+        amax = np.full_like(amax, amax.max())
+    scale = qparams(-torch.from_numpy(amax), torch.from_numpy(amax), bits=bits, symmetric=True)[0].numpy()
     shape = [1] * w.ndim
     shape[axis] = -1
     qmin, qmax = quant_range(bits, True)
     q = np.clip(np.rint(w / scale.reshape(shape)), qmin, qmax).astype(np.int8)
     base = node.inputs[1].name
-    node.inputs[1] = _dq(graph, names, base, q, scale, np.zeros_like(q, shape=scale.shape), axis)
+    if per_channel:
+        node.inputs[1] = _dq(graph, names, base, q, scale, np.zeros_like(q, shape=scale.shape), axis)
+    else:
+        node.inputs[1] = _dq(graph, names, base, q, scale[0], np.zeros((), np.int8), None)
     return scale.astype(np.float64)
 
 

@@ -415,7 +415,7 @@ def _quantize_weight(graph: gs.Graph, names: Names, node: gs.Node, w: np.ndarray
     if per_channel:
         node.inputs[1] = _dq(graph, names, base, q, scale, np.zeros_like(q, shape=scale.shape), axis)
     else:
-        node.inputs[1] = _dq(graph, names, base, q, scale[0], np.zeros((), np.int8), None)
+        node.inputs[1] = _dq(graph, names, base, q, np.array(scale[0], np.float32), np.zeros((), np.int8), None)
     return scale.astype(np.float64)
 
 

@@ -30,6 +30,7 @@ from lkfx import kernel_math as km
 from lkfx.passes import Pass, PassContext, register_pass
 from lkfx.patterns.core import Pattern, Rule, apply_rules
 
+BEFORE_OFF_REASON = "a conv reads it, and the option before=False leaves BatchNorms before a conv unfolded"
 ZERO_PAD_REASON = "the conv zero-pads its input, so border taps would see 0 instead of the BatchNorm's shift"
 
 
@@ -200,7 +201,10 @@ class FoldBN(Pass):
             if view.kind(node) == "batch_norm" and node not in refused and \
                     (node.op == "call_module" or view.bn(node).mean is not None):
                 ctx.report.matched += 1
-                ctx.report.skip(bn_name(node), _alone_fx(view, node, readers(view.bn(node))), bn_name(node))
+                reason = BEFORE_OFF_REASON if not self.config["before"] and \
+                    any(view.kind(u) in ("conv", "linear", "conv_like") for u in node.users) else \
+                    _alone_fx(view, node, readers(view.bn(node)))
+                ctx.report.skip(bn_name(node), reason, bn_name(node))
             elif node.op == "call_module" and view.kind(node) is None:
                 for name, sub in view.gm.get_submodule(node.target).named_modules(prefix=node.target):
                     if isinstance(sub, self.fx_subjects()):
@@ -370,7 +374,9 @@ class FoldBN(Pass):
         for bn in view.candidates(frozenset(["BatchNormalization"])):  # every one left is listed with its reason
             if view.alive(bn) and id(bn) not in refused:
                 ctx.report.matched += 1
-                ctx.report.skip(view.describe(bn), _alone_onnx(view, bn), view.describe(bn))
+                reason = BEFORE_OFF_REASON if not self.config["before"] and \
+                    any(n.op in ("Conv", "Gemm") for o in bn.outputs for n in o.outputs) else _alone_onnx(view, bn)
+                ctx.report.skip(view.describe(bn), reason, view.describe(bn))
         if ctx.report.modified:
             view.finish()
 

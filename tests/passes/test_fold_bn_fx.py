@@ -13,7 +13,7 @@ from helpers import assert_same_outputs, fx_bn_nodes, fx_getitems, randomize_bn,
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import lkfx
-from lkfx.passes.fold_bn import ZERO_PAD_REASON
+from lkfx.passes.fold_bn import BEFORE_OFF_REASON, ZERO_PAD_REASON
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -161,7 +161,8 @@ def test_bn_linear_with_example_inputs():
 def test_before_option_off_leaves_bn_conv():
     model = seq(nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3))
     out, pr = fold(model, before=False)
-    assert (pr.matched, pr.rewritten) == (0, 0)
+    assert (pr.matched, pr.rewritten) == (1, 0)
+    assert reasons(pr) == [BEFORE_OFF_REASON]
     assert len(fx_bn_nodes(out)) == 1
 
 

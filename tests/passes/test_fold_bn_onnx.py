@@ -28,7 +28,7 @@ from helpers import (
 from onnx import helper, numpy_helper
 
 import lkfx
-from lkfx.passes.fold_bn import ZERO_PAD_REASON
+from lkfx.passes.fold_bn import BEFORE_OFF_REASON, ZERO_PAD_REASON
 
 SIZE = {1: (19,), 2: (11, 10), 3: (7, 6, 8)}
 
@@ -209,7 +209,8 @@ def test_bn_same_padded_1x1_conv_folds():
 def test_before_option_off_leaves_bn_conv():
     model = conv_model(2, 4, 6, bn_first=True)
     out, pr = fold_onnx(model, before=False)
-    assert (pr.matched, pr.rewritten) == (0, 0)
+    assert (pr.matched, pr.rewritten) == (1, 0)
+    assert reasons(pr) == [BEFORE_OFF_REASON]
     assert op_types(out) == ["BatchNormalization", "Conv"]
 
 

@@ -76,21 +76,21 @@ def _divisor_at_most(value: int, limit: float) -> int:
 
 
 def layout(shapes: Sequence[Sequence[int]], budget: float = 1.0,
-           cell_ratio: float | None = None) -> WarehouseLayout:
+           cell_ratio: float | tuple[float, float] | None = None) -> WarehouseLayout:
     """Plan the warehouse of the layers with kernel `shapes` ``(out, in/groups, *k)`` at parameter `budget`.
 
-    `cell_ratio` scales the gcd channel sizes of the cells (default 1 for budget >= 1, 0.5 below)."""
+    `cell_ratio` scales the gcd channel sizes of the cells, one ratio for both or ``(out, in)`` (default 1
+    for budget >= 1, 0.5 below). A Linear's ``(out, in)`` is a 1x1 conv's kernel without the 1s."""
     if not shapes:
         raise ValueError("a warehouse needs at least one layer")
-    if len({len(s) for s in shapes}) != 1:
-        raise ValueError(f"the layers of a warehouse need the same number of spatial dims: {list(shapes)}")
     if not budget > 0:
         raise ValueError(f"budget must be > 0, got {budget}")
     ratio = (1.0 if budget >= 1 else 0.5) if cell_ratio is None else cell_ratio
-    if not 0 < ratio <= 1:
+    r_out, r_in = ratio if isinstance(ratio, tuple) else (ratio, ratio)
+    if not (0 < r_out <= 1 and 0 < r_in <= 1):
         raise ValueError(f"cell_ratio must be in (0, 1], got {ratio}")
     gcd_out, gcd_in = math.gcd(*(s[0] for s in shapes)), math.gcd(*(s[1] for s in shapes))
-    co, ci = _divisor_at_most(gcd_out, gcd_out * ratio), _divisor_at_most(gcd_in, gcd_in * ratio)
+    co, ci = _divisor_at_most(gcd_out, gcd_out * r_out), _divisor_at_most(gcd_in, gcd_in * r_in)
     m = tuple(s[0] // co * (s[1] // ci) * math.prod(s[2:]) for s in shapes)
     n = int(budget * sum(m))
     if n < 1:
@@ -112,16 +112,16 @@ def layout(shapes: Sequence[Sequence[int]], budget: float = 1.0,
 
 
 class Warehouse(nn.Module):
-    """The ``n`` cells ``(n, co, ci, 1, ...)`` shared by the layers with kernel `shapes`; see `layout`."""
+    """The ``n`` cells ``(n, co, ci)`` shared by the layers with kernel `shapes`; see `layout`."""
 
-    def __init__(self, shapes: Sequence[Sequence[int]], budget: float = 1.0, cell_ratio: float | None = None):
+    def __init__(self, shapes: Sequence[Sequence[int]], budget: float = 1.0,
+                 cell_ratio: float | tuple[float, float] | None = None):
         super().__init__()
         self.shapes = [tuple(int(v) for v in s) for s in shapes]
         self.budget = budget
         self.layout = layout(self.shapes, budget, cell_ratio)
         lay = self.layout
-        dims = len(self.shapes[0]) - 2
-        self.cells = nn.Parameter(torch.empty(lay.n, lay.cell_out, lay.cell_in, *(1,) * dims))
+        self.cells = nn.Parameter(torch.empty(lay.n, lay.cell_out, lay.cell_in))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -203,6 +203,7 @@ class KWConv(nn.Module):
         self.stride, self.dilation = _ntuple(stride, dims), _ntuple(dilation, dims)
         self.padding = _padding(padding, self.kernel_size, self.dilation)
         self.groups, self.padding_mode = groups, padding_mode
+        self._matmul_only = groups == 1 and all(k == 1 for k in self.kernel_size) and not any(self.padding)
         self.m, self.n = lay.m[index], lay.n
         self._warehouse = (warehouse,)  # a plain reference: registered once, by the owner
         if owner:
@@ -228,7 +229,8 @@ class KWConv(nn.Module):
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """alpha ``(B, m, n)``: the normalised FC output mixed with beta by tau, zero-cell slot dropped."""
-        z = self.fc2(F.relu(self.norm(self.fc1(x.flatten(2).mean(-1)))))
+        pooled = x.flatten(2).mean(-1) if self.kernel_size else x.reshape(x.shape[0], -1, x.shape[-1]).mean(1)
+        z = self.fc2(F.relu(self.norm(self.fc1(pooled))))
         if self.fc3 is None:
             z = z.reshape(-1, self.m, self.n + 1)
         else:  # the other layers' cells through the basis
@@ -252,6 +254,31 @@ class KWConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.kernels(x)
+        if self._matmul_only:
+            y = self._batched_matmul(x, w)
+        else:
+            y = self._conv(x, w)
+        if self.bias is not None:
+            y = y + (self.bias if not self.kernel_size else
+                     self.bias.reshape(1, -1, *(1,) * len(self.kernel_size)))
+        return y
+
+    def _batched_matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """A Linear over the last dim, or a 1x1 conv (stride by subsampling), as one ``bmm`` over the batch:
+        ``y_b = W_b x_b``. Channels-last maps are multiplied as ``(B, HW, in) @ W_b^T`` and stay channels-last."""
+        w = w.reshape(-1, self.out_channels, self.in_channels)
+        if not self.kernel_size:
+            rows = x.unsqueeze(1) if x.dim() == 2 else x.flatten(1, -2)
+            return torch.bmm(rows, w.transpose(1, 2)).reshape(*x.shape[:-1], self.out_channels)
+        if any(s > 1 for s in self.stride):
+            x = x[(slice(None), slice(None), *(slice(None, None, s) for s in self.stride))]
+        size = x.shape[2:]
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            y = torch.bmm(x.permute(0, 2, 3, 1).flatten(1, 2), w.transpose(1, 2))
+            return y.reshape(-1, *size, self.out_channels).permute(0, 3, 1, 2)
+        return torch.bmm(w, x.flatten(2)).reshape(-1, self.out_channels, *size)
+
+    def _conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         pad = self.padding
         if self.padding_mode != "zeros":
             x = F.pad(x, [p for p in reversed(pad) for _ in range(2)], mode=self.padding_mode)
@@ -264,8 +291,6 @@ class KWConv(nn.Module):
             y = conv(x.reshape(1, -1, *x.shape[2:]), w.reshape(-1, *w.shape[2:]), None, self.stride, pad,
                      self.dilation, self.groups * b)
             y = y.reshape(b, self.out_channels, *y.shape[2:])
-        if self.bias is not None:
-            y = y + self.bias.reshape(1, -1, *(1,) * len(self.kernel_size))
         return y
 
     def _per_sample_conv(self, x: torch.Tensor, w: torch.Tensor, pad: tuple[int, ...]) -> torch.Tensor:
@@ -300,19 +325,21 @@ class KWConv(nn.Module):
                 f"groups={self.groups}, m={self.m}, n={self.n}, bias={self.bias is not None}")
 
 
-def convert_convs(convs: Sequence[Any], budget: float = 1.0, cell_ratio: float | None = None,
-                  reduction: float = 1 / 16, nonlocal_basis: float = 1.0) -> list[KWConv]:
+def convert_convs(convs: Sequence[Any], budget: float = 1.0,
+                  cell_ratio: float | tuple[float, float] | None = None, reduction: float = 1 / 16,
+                  nonlocal_basis: float = 1.0) -> list[KWConv]:
     """KernelWarehouse versions of `convs` sharing one new warehouse, owned by the first. `convs` are
-    nn.ConvNd modules or anything with their weight / bias / stride / padding / dilation / groups /
-    padding_mode attributes.
+    nn.ConvNd or nn.Linear modules, or anything with their weight / bias (and a conv's stride / padding /
+    dilation / groups / padding_mode) attributes; a Linear becomes a KWConv over its input's last dim.
 
     Each keeps its conv's geometry and bias; its kernel is loaded into the cells beta assigns it
     (`KWConv.load_kernel`), the rest of its block keeps the Kaiming initialisation."""
     wh = Warehouse([tuple(c.weight.shape) for c in convs], budget, cell_ratio).to(convs[0].weight)
     out = []
     for i, c in enumerate(convs):
-        kw = KWConv(wh, i, stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups,
-                    bias=c.bias is not None, padding_mode=c.padding_mode, reduction=reduction,
+        kw = KWConv(wh, i, stride=getattr(c, "stride", 1), padding=getattr(c, "padding", 0),
+                    dilation=getattr(c, "dilation", 1), groups=getattr(c, "groups", 1),
+                    bias=c.bias is not None, padding_mode=getattr(c, "padding_mode", "zeros"), reduction=reduction,
                     nonlocal_basis=nonlocal_basis, owner=i == 0).to(c.weight)
         kw.load_kernel(c.weight)
         if c.bias is not None:

@@ -69,8 +69,11 @@ def test_layout_gcd_groups_and_ratio():
     lay = layout([(30, 45, 1), (15, 15, 1)], 0.5)
     assert (lay.cell_out, lay.cell_in) == (5, 5) and list(lay.m) == [54, 9]
     assert layout([(64, 64, 3, 3)], 1, cell_ratio=0.25).cell_out == 16
-    with pytest.raises(ValueError, match="spatial dims"):
-        layout([(8, 8, 3, 3), (8, 8, 3)])
+    # separate out / in ratios (the official 1/2x MobileNetV2 classifier: all outputs x 1/40 of the inputs)
+    lay = layout([(1000, 1280)], 0.5, cell_ratio=(1.0, 1 / 40))
+    assert (lay.cell_out, lay.cell_in, lay.m, lay.n) == (1000, 32, (40,), 20)
+    # a Linear (out, in) is a 1x1 conv without the 1s: it shares a warehouse with 1x1 convs
+    assert layout([(96, 384), (384, 96, 1, 1)]).m == (4, 4)
     with pytest.raises(ValueError, match="leaves no cell"):
         layout([(8, 8, 1, 1)], 0.01)
 

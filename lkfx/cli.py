@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--report", metavar="FILE.json", help="write what each pass did as JSON")
     o.add_argument("--calib-data", metavar="PATH",
                    help="calibration inputs (.npz or folder of .npy) for passes that need them")
+    o.add_argument("--calib-batch-size", metavar="N", type=int, default=0,
+                   help="cut all calibration samples into batches of N, whatever the arrays are named "
+                        "(default: each array as given; sets fake_quant's batch_size)")
     _verbosity(o)
     ls = sub.add_parser("passes", help="list passes and their options")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
@@ -112,6 +115,12 @@ def _optimize(args: argparse.Namespace) -> int:
     pass_objs = resolve_passes(passes)
     if args.calib_data is not None and not any(p.uses_calib_data for p in pass_objs):
         raise LkfxError("--calib-data was given but none of the selected passes uses calibration data")
+    if args.calib_batch_size:
+        if args.calib_batch_size < 0 or args.calib_data is None:
+            raise LkfxError("--calib-batch-size needs a positive N and --calib-data")
+        for p in pass_objs:
+            if "batch_size" in p.options and p.uses_calib_data:
+                p.config["batch_size"] = args.calib_batch_size
     for path, what in ((dst, "output"), (args.report and Path(args.report), "report")):
         if path:
             _check_writable(path, what)

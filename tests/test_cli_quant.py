@@ -76,6 +76,19 @@ def test_folder_of_npy_batches_and_options(digits, tmp_path, capsys):
     assert op_types(onnx.load(str(out))).count("QuantizeLinear") > 5
 
 
+def test_calib_batch_size_cuts_all_samples_whatever_the_names(digits, tmp_path, capsys):
+    """calib.npz (one array named like the input: one block) and batches/ (four arrays) give the same 8 batches."""
+    folder, _ = digits
+    for data in (folder / "calib.npz", folder / "batches"):
+        argv = ["optimize", str(folder / "digits.onnx"), "-o", str(tmp_path / "int8.onnx"), "-p", "fake_quant",
+                "--calib-data", str(data), "--calib-batch-size", "32"]
+        assert main(argv) == 0
+        assert "on 8 batches" in capsys.readouterr().out
+    argv = ["optimize", str(folder / "digits.onnx"), "-o", str(tmp_path / "x.onnx"), "-p", "fake_quant",
+            "--calib-batch-size", "32"]
+    assert main(argv) == 2 and "--calib-batch-size needs" in capsys.readouterr().err
+
+
 def _bad_data(folder, tmp):
     x = np.load(folder / "calib.npz")["x"]
     np.savez(tmp / "shape.npz", x=x[:, :, :4, :4])

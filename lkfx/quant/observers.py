@@ -311,7 +311,11 @@ class HistogramObserver(Observer):
             if not wide.any():  # every window narrower than the grid: nothing is lost by keeping the full range
                 return tuple(ab[np.argmax(ab[:, 1] - ab[:, 0])])
             ab = ab[wide]
-            scores = _divergences(h, ab[:, 0], ab[:, 1], levels, self.method)
+            if self.method == "js":  # bin-by-bin sums: score only the ranges the guard may choose (the costly part)
+                ab = ab[_allowed(h, ab)]
+                scores = _divergences(h, ab[:, 0], ab[:, 1], levels, self.method)
+            else:
+                scores = _kl_divergences(h, ab[:, 0], ab[:, 1], levels, self.method)
         kept, best, clipped = choose(h, ab, scores)
         if clipped[best] > MAX_CLIPPED:
             a, b = (ab[best] - zero) * w
@@ -330,12 +334,23 @@ def _quantile(h: np.ndarray, p: float) -> float:
     return k + (target - before) / h[k] if h[k] > 0 else float(k)
 
 
+def _clipped(h: np.ndarray, windows: np.ndarray) -> np.ndarray:
+    """Share of the mass of `h` outside each window."""
+    cum = np.concatenate([[0.0], np.cumsum(h)])
+    return 1 - (cum[windows[:, 1]] - cum[windows[:, 0]]) / max(cum[-1], 1e-300)
+
+
+def _allowed(h: np.ndarray, windows: np.ndarray) -> np.ndarray:
+    """The windows `choose` may keep: clipping at most `MAX_CLIPPED`, or the widest."""
+    width = windows[:, 1] - windows[:, 0]
+    return (_clipped(h, windows) <= MAX_CLIPPED) | (width == width.max())
+
+
 def choose(h: np.ndarray, windows: np.ndarray, scores: np.ndarray) -> tuple[int, int, np.ndarray]:
     """(kept, best, clipped): `best` has the smallest score (ties: the widest); `kept` is, among the windows
     clipping at most `MAX_CLIPPED` of the mass of `h` (the widest always qualifies), the widest whose score is
     within `TOLERANCE` (relative) of their smallest; `clipped[j]` is the share of the mass window j clips."""
-    cum = np.concatenate([[0.0], np.cumsum(h)])
-    clipped = 1 - (cum[windows[:, 1]] - cum[windows[:, 0]]) / max(cum[-1], 1e-300)
+    clipped = _clipped(h, windows)
     width = windows[:, 1] - windows[:, 0]
 
     def widest_near(ok: np.ndarray, tolerance: float) -> int:
@@ -343,7 +358,7 @@ def choose(h: np.ndarray, windows: np.ndarray, scores: np.ndarray) -> tuple[int,
         near = np.flatnonzero(ok & (scores <= low + tolerance * abs(low)) if np.isfinite(low) else ok)
         return int(near[np.argmax(width[near])])
 
-    kept = widest_near((clipped <= MAX_CLIPPED) | (width == width.max()), TOLERANCE)
+    kept = widest_near(_allowed(h, windows), TOLERANCE)
     return kept, widest_near(np.ones(len(scores), bool), 0.0), clipped
 
 
@@ -374,6 +389,49 @@ def _divergences(h: np.ndarray, a: np.ndarray, b: np.ndarray, levels: int, metho
         q /= np.maximum(q.sum(1, keepdims=True), 1e-300)
         out[k:k + chunk] = _divergence_rows(p, q, method)
     return out
+
+
+def _kl_divergences(h: np.ndarray, a: np.ndarray, b: np.ndarray, levels: int, method: str) -> np.ndarray:
+    """`_divergences` for kl and symmetric_kl with the sums taken group by group: ``q`` is constant on the
+    non-zero bins of a group, so with prefix sums of ``h``, ``h log h``, ``log h`` and of the non-zero count, each
+    window costs O(levels) instead of O(bins). Same values as the bin-by-bin sums (tests compare them)."""
+    def prefix(v: np.ndarray) -> np.ndarray:
+        return np.concatenate([[0.0], np.cumsum(v)])
+
+    nz = h > 0
+    logh = np.log(np.where(nz, h, 1.0))
+    cum, count, hlogh, logs = prefix(h), prefix(nz), prefix(h * logh), prefix(logh)
+    total = cum[-1]
+    n = (b - a)[:, None]
+    edges = a[:, None] + -(-np.arange(levels + 1) * n // levels)  # group g: bins [edges[g], edges[g + 1])
+    mass = np.diff(cum[edges], axis=1)
+    support = np.diff(count[edges], axis=1)
+    inside = cum[b] - cum[a]
+    left, right = cum[a], total - cum[b]
+    first, last = h[a], h[b - 1]
+
+    def xlogx(x: np.ndarray) -> np.ndarray:
+        return np.where(x > 0, x * np.log(np.where(x > 0, x, 1.0)), 0.0)
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mass_p = mass.copy()
+        mass_p[:, 0] += left
+        mass_p[:, -1] += right
+        log_q = np.log(mass / np.maximum(support, 1) / np.maximum(inside, 1e-300)[:, None])
+        # sum p log p (p = h / total, the clipped mass in the end bins), then sum p log q group by group
+        plogp = (hlogh[b] - hlogh[a] + xlogx(first + left) - xlogx(first) + xlogx(last + right) - xlogx(last)) / total \
+            - np.log(total)
+        kl = plogp - np.where(mass_p > 0, mass_p * log_q, 0.0).sum(1) / total
+        kl[((first == 0) & (left > 0)) | ((last == 0) & (right > 0))] = math.inf  # p > 0 where q = 0
+        if method == "kl":
+            return kl
+        # sum q log q - sum q log p: q_g = mass / (support * inside) on each non-zero bin; log p summed per group
+        q = np.exp(log_q)
+        logp = np.diff(logs[edges], axis=1) - support * np.log(total)
+        logp[:, 0] += np.where(first > 0, np.log(np.where(first > 0, (first + left) / first, 1.0)), 0.0)
+        logp[:, -1] += np.where(last > 0, np.log(np.where(last > 0, (last + right) / last, 1.0)), 0.0)
+        reverse = np.where(mass > 0, mass / np.maximum(inside, 1e-300)[:, None] * log_q - q * logp, 0.0).sum(1)
+        return (kl + reverse) / 2
 
 
 def _divergence_rows(p: np.ndarray, q: np.ndarray, method: str) -> np.ndarray:

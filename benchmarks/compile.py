@@ -8,9 +8,9 @@ Networks (random weights and BN statistics, eval mode, ``torch.no_grad()``):
 * ResNet-50 (torchvision's definition), 224x224.
 `--quick` shrinks both (RepLKNet channels 16/32/64/128, blocks 1/1/2/1; both at 64x64) as a smoke test.
 
-Columns, per network and batch size (inference, ``torch.no_grad()``), each the fastest of R calls after the
-preparing call and one warm-up (the fastest, not the median: on a loaded machine other processes only ever add
-time):
+Columns, per network and batch size (inference, ``torch.no_grad()``), each the fastest of R rounds in which the
+columns take turns, after the preparing call (the fastest, not the median: on a loaded machine other processes
+only ever add time; taking turns, a burst of load hits every column alike):
 * ``eager``; ``eager channels-last`` (the model and the input converted with ``memory_format=channels_last``,
   what a user gets from PyTorch alone); ``eager lkfx.transform`` (``fold_bn`` + ``fft_conv`` auto, which picks
   NCHW, channels-last or FFT per large conv and converts runs of layout-agnostic ops at their edges);
@@ -81,20 +81,17 @@ def onnxruntime_session(model: nn.Module, x: torch.Tensor):
     return lambda x: torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
 
 
-def timed(fn, repeats: int, sync) -> tuple[float, float, torch.Tensor]:
-    """(seconds of the first call, fastest of `repeats` calls after one warm-up, the output)."""
-    start = time.perf_counter()
-    out = fn()
-    sync()
-    first = time.perf_counter() - start
-    fn()
-    times = []
+def fastest(fns: dict, repeats: int, sync) -> dict[str, float]:
+    """Fastest seconds per call of each function over `repeats` rounds in which they take turns, so that a burst
+    of load from other processes hits them alike (each was called once before)."""
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return first, min(times), out
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def main() -> None:
@@ -140,12 +137,13 @@ def main() -> None:
             with torch.no_grad():
                 ref = model(x)
             row = {"network": net_name, "batch": b}
+            fns = {}
             for name in columns:
                 start = time.perf_counter()
                 if name == "eager":
                     fn = model
                 elif name == "eager channels-last":
-                    fn = lambda x, m=model_cl: m(x.contiguous(memory_format=torch.channels_last))  # noqa: E731
+                    fn = model_cl
                 elif name == "eager lkfx.transform":
                     fn, report = lkfx.transform(model, LKFX_PASSES, example_inputs=(x,), return_report=True)
                     result["lkfx"][f"{net_name}, batch {b}, {name}"] = report.to_dict()
@@ -155,16 +153,19 @@ def main() -> None:
                     fn = compiled(model, x, "lkfx" if name == "lkfx" else "inductor", name == "inductor + freezing")
                     if name == "lkfx":
                         result["lkfx"][f"{net_name}, batch {b}, {name}"] = last_report().to_dict()
-                prepared = time.perf_counter() - start
                 arg = xc if name == "eager channels-last" else x
+                fns[name] = lambda fn=fn, arg=arg: fn(arg)
                 with torch.no_grad():
-                    _, fastest, y = timed(lambda fn=fn, arg=arg: fn(arg), repeats, sync)
+                    y = fns[name]()
+                sync()
                 steps.update()
-                row[f"{name} ms"] = fastest * 1e3
                 if name not in ("eager", "eager channels-last"):
-                    row[f"{name} prepare s"] = prepared
+                    row[f"{name} prepare s"] = time.perf_counter() - start
                     row[f"{name} max rel error"] = max_rel_error([ref.float().cpu().numpy()],
                                                                  [y.float().cpu().numpy()])
+            with torch.no_grad():
+                for name, seconds in fastest(fns, repeats, sync).items():
+                    row[f"{name} ms"] = seconds * 1e3
             anchors = [a for a in ANCHORS if f"{a} ms" in row]
             row["anchor"] = min(anchors, key=lambda a: row[f"{a} ms"])
             row["lkfx / inductor + freezing speedup"] = row["inductor + freezing ms"] / row["lkfx ms"]

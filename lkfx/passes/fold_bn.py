@@ -2,7 +2,8 @@
 
 BatchNorm at inference is ``s * y + t`` per channel, ``s = gamma / sqrt(var + eps)``, ``t = beta - mean * s``.
 
-After a conv (Conv1d/2d/3d, ConvTranspose with any groups, Linear / Gemm)::
+After a conv (Conv1d/2d/3d, ConvTranspose with any groups, Linear / Gemm, or a conv-like module whose output is
+``conv(g(x), W, b)``: timm's Conv2dSame, see `lkfx.graph.fx.conv_like`)::
 
     x -> Conv(W, b) -> BN -> y        becomes        x -> Conv(s W, s b + t) -> y
 
@@ -11,13 +12,18 @@ copies of ``s x + t``)::
 
     x -> BN -> Conv(W, b) -> y        becomes        x -> Conv(W diag(s), b + W t) -> y
 
-With zero padding the border taps would see 0 instead of ``t``: refused with that reason.
+With zero padding the border taps would see 0 instead of ``t``: refused with that reason. A BN read by several
+convs folds into each of them when this is exact for every one (MobileNetV4's attention norm feeding q, k, v).
 
 Refused (each with its reason in the report): BN in training mode (torch ``.training``, ONNX
 ``training_mode=1``) or without running statistics; conv output also read elsewhere or a graph output (the
 un-normalised value is still needed); weights computed in the graph; a Linear whose output rank is not proven
 2-D (pass ``example_inputs``). A conv whose weight is shared with another node is folded into a copy (exact; the
 report says so). The formulas live in `lkfx.kernel_math`; folding is done in float64 and cast back.
+
+Every BatchNorm is accounted for: one no rule matched (no conv next to it), one inside a leaf module, and (in the
+per-submodule fallback, `fx_subjects`) one inside a module torch.fx cannot trace is listed with its reason, and
+each refusal names its BN (`Skip.node`): folded + distinct skipped == BatchNorms in the model.
 """
 
 from __future__ import annotations

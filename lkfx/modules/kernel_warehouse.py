@@ -284,14 +284,14 @@ class KWConv(nn.Module):
             x = F.pad(x, [p for p in reversed(pad) for _ in range(2)], mode=self.padding_mode)
             pad = (0,) * len(pad)
         if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
-            y = self._per_sample_conv(x, w, pad)
-        else:
-            b = x.shape[0]
-            conv = _CONV[len(self.kernel_size)]
-            y = conv(x.reshape(1, -1, *x.shape[2:]), w.reshape(-1, *w.shape[2:]), None, self.stride, pad,
-                     self.dilation, self.groups * b)
-            y = y.reshape(b, self.out_channels, *y.shape[2:])
-        return y
+            return self._per_sample_conv(x, w, pad)
+        b, conv = x.shape[0], _CONV[len(self.kernel_size)]
+        if b > 1 and self.in_channels > self.groups:  # not depthwise: one conv per sample
+            return torch.cat([conv(x[i:i + 1], w[i], None, self.stride, pad, self.dilation, self.groups)
+                              for i in range(b)])
+        y = conv(x.reshape(1, -1, *x.shape[2:]), w.reshape(-1, *w.shape[2:]), None, self.stride, pad,
+                 self.dilation, self.groups * b)
+        return y.reshape(b, self.out_channels, *y.shape[2:])
 
     def _per_sample_conv(self, x: torch.Tensor, w: torch.Tensor, pad: tuple[int, ...]) -> torch.Tensor:
         """The batch-folded grouped conv without a batch-sized group count: im2col by slicing, then MatMul."""

@@ -148,7 +148,7 @@ def test_tau_one_kernel_is_the_layers_own_cells_in_order(budget):
             w = kw.kernels(x)
         assert w.shape == (3, out, in_g, *k)
         for b in range(3):
-            assert torch.equal(w[b], assemble(cells.squeeze(-1).squeeze(-1), out, in_g, tuple(k)))
+            assert torch.equal(w[b], assemble(cells, out, in_g, tuple(k)))
 
 
 @pytest.mark.parametrize("conv", [
@@ -178,6 +178,58 @@ def test_batch_folded_conv_is_one_conv_per_sample(conv):
         ref = torch.cat([F.conv2d(x[b:b + 1], w[b], kw.bias, kw.stride, kw.padding, kw.dilation, kw.groups)
                          for b in range(4)])
     assert rel(ref, y) <= TOL
+
+
+def folded_grouped_conv(kw: KWConv, x: torch.Tensor) -> torch.Tensor:
+    """The reference path (the official code's): per-sample kernels applied by one conv over the batch folded
+    into the groups; a Linear as a 1x1 conv1d over its rows."""
+    b, w = x.shape[0], kw.kernels(x)
+    if not kw.kernel_size:
+        rows = x.reshape(b, -1, x.shape[-1]).transpose(1, 2).reshape(1, -1, x[0].numel() // x.shape[-1])
+        y = F.conv1d(rows, w.reshape(-1, w.shape[2], 1), None, 1, 0, 1, b).reshape(b, kw.out_channels, -1)
+        y = y.transpose(1, 2).reshape(*x.shape[:-1], kw.out_channels)
+        return y if kw.bias is None else y + kw.bias
+    y = F.conv2d(x.reshape(1, -1, *x.shape[2:]), w.reshape(-1, *w.shape[2:]), None, kw.stride, kw.padding,
+                 kw.dilation, kw.groups * b)
+    y = y.reshape(b, kw.out_channels, *y.shape[2:])
+    return y if kw.bias is None else y + kw.bias.reshape(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("conv", [
+    {"kernel_size": 1, "padding": 0, "bias": True},  # one bmm
+    {"kernel_size": 1, "padding": 0, "stride": 2},  # subsampled, one bmm
+    {"stride": 2},  # one dense conv per sample
+    {"groups": 4},  # one grouped conv per sample
+    {"in_channels": 32, "groups": 32},  # depthwise: batch folded into the groups
+])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fast_paths_equal_the_batch_folded_grouped_conv(conv, batch, channels_last):
+    _, kw = kw_pair(0.5, **conv)
+    kw.eval().tau.fill_(0.3)
+    x = torch.randn(batch, kw.in_channels, 12, 12)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y, ref = kw(x), folded_grouped_conv(kw, x)
+    assert y.shape == ref.shape and rel(ref, y) <= 1e-6
+    if channels_last and kw._matmul_only and conv.get("stride", 1) == 1:
+        assert y.is_contiguous(memory_format=torch.channels_last)  # the 1x1 bmm keeps channels-last
+
+
+@pytest.mark.parametrize("shape", [(3, 16), (3, 5, 7, 16)])
+def test_linear_is_a_dynamic_1x1_conv_over_the_last_dim(shape):
+    torch.manual_seed(0)
+    linears = [nn.Linear(16, 64), nn.Linear(64, 16)]
+    kws = convert_convs(linears, 1)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        assert rel(linears[1](linears[0](x)), kws[1].eval()(kws[0].eval()(x))) <= TOL  # tau = 1: static
+        for kw in kws:
+            kw.tau.fill_(0.3)
+        h = kws[0](x)
+        assert rel(folded_grouped_conv(kws[0], x), h) <= 1e-6
+        assert rel(folded_grouped_conv(kws[1], h), kws[1](h)) <= 1e-6
 
 
 def test_conv1d():

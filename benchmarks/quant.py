@@ -1,23 +1,34 @@
 """Post-training int8 on ONNX: fp32 vs lkfx `fake_quant` (each calibration method) vs onnxruntime `quantize_static`
-(MinMax, Entropy, Percentile), on the same calibration data.
+(MinMax, Entropy, Percentile), on the same calibration data, in one run.
 
-    python benchmarks/quant.py [--quick] [--epochs E] [--runs R] [--threads T] [--out DIR]
+    python benchmarks/quant.py [--quick] [--epochs E] [--runs R] [--reps N] [--threads T] [--out DIR]
 
-* Digits: the CNN of examples/quantize_digits.py (conv, BN, ReLU, depthwise, residual add) trained on scikit-learn's
-  digits, exported to ONNX with its BatchNorms; calibrated on 256 training images (8 batches of 32); accuracy on
-  the 450 test images; onnxruntime CPU latency of one run over the 450 test images.
-* ResNet-18 (torchvision definition, random weights, random BN statistics): the wider ResNet-style model for
-  latency only (batch 1, 224x224; 112x112 with --quick), calibrated on random images.
+Three networks of examples/quantize_digits.py trained on scikit-learn's digits, exported to ONNX with their
+BatchNorms, calibrated on 256 training images (8 batches of 32), accuracy on the 450 test images:
+
+* digits: the small CNN (conv, BN, ReLU, depthwise, residual add) on 8x8 images, E epochs;
+* mobilenet_relu6: MobileNetV1-like (stem + six depthwise 3x3 / pointwise blocks, ReLU6) on 32x32 upscaled
+  images, E / 2 epochs: the case where the entropy methods used to collapse (a ReLU6 output clipped at 1.1);
+* large_kernel_31x31: stride-2 stem, a RepLK-style 31x31 depthwise block with a residual add, 32x32, E / 2 epochs.
+
+Plus ResNet-18 (torchvision definition, random weights and BN statistics) for latency only (batch 1, 224x224; 112
+with --quick), and the fallback case: the digits CNN with an outlier channel injected after training (channel 0 of
+the depthwise output a constant 1000, ignored by the pointwise conv), lkfx minmax with and without
+``fallback=auto``.
 
 lkfx runs with ``placement="ort"`` (onnxruntime's QDQ layout); quantize_static gets the same layout: QDQ format, uint8
 activations, int8 per-channel weights, its input pre-processed by `quant_pre_process` (which folds BN) as its
-documentation recommends. Latency: median over R interleaved rounds (each model in turn runs 5 times back to back, the
-first not timed), spread over 3 fresh sets of sessions, `intra_op_num_threads=T` (see `latencies`).
-Size: bytes of the .onnx file.
+documentation recommends. Calibration time: wall time of the whole call (lkfx.transform + save; quant_pre_process +
+quantize_static), the fastest of N interleaved rounds (default 3). Latency: median over R interleaved rounds (each
+model in turn runs 5 times back to back, the first not timed), spread over 3 fresh sets of sessions,
+`intra_op_num_threads=T` (see `latencies`); 450 test images per run for the digits CNN, 64 for the 32x32 networks
+(R / 3 rounds). Size: bytes of the .onnx file. One thread by default; the machine may be shared.
 
-Goals (issue 5): lkfx int8 accuracy within 0.5 points of fp32 with at least one method; never worse than
-quantize_static's best; lkfx int8 latency no worse than quantize_static's output (PASS allows 5 % for timing noise:
-both become the same onnxruntime integer kernels). Writes DIR/quant.json and DIR/quant.png (DIR defaults to
+Goals (issues 5 and 15), per network: every lkfx method within 1 point of fp32; lkfx's best >= quantize_static's
+best; each lkfx method calibrates in <= 1.5x the time of the matching quantize_static method (minmax and ema:
+MinMax, percentile: Percentile, kl / symmetric_kl / js / mse: Entropy). Latency of lkfx's best no worse than
+quantize_static's (5 % allowed for timing noise) on digits and ResNet-18; fallback=auto within 1 point of fp32 on the
+outlier case, naming the layers kept in float. Writes DIR/quant.json and DIR/quant.png (DIR defaults to
 benchmarks/results on a full run; --quick writes only with --out).
 """
 

@@ -94,30 +94,43 @@ def fold_bn_onnx(data: dict) -> Section:
                     f"of {data['repeats']}."])
 
 
+FFT_COLUMNS = ("NCHW", "channels-last", "channels-last + conversion", "onnxruntime", "inductor", "bare FFT", "lkfx",
+               "lkfx channels-last")
+
+
 def fft_conv(data: dict) -> Section:
     rows = data["rows"]
-    table = [[str(r["channels"]), str(r["map"]), str(r["kernel"]), _ms(r["seconds"]["direct"]),
-              _ms(r["seconds"]["plain FFT"]), _ms(r["seconds"]["lkfx auto"]), "FFT" if r["auto_uses_fft"] else "direct",
-              f"{r['seconds']['direct'] / r['seconds']['lkfx auto']:.2f}x"] for r in rows]
-    lines = _md_table(["C", "map", "K", "direct (PyTorch)", "plain FFT", "lkfx auto", "auto uses",
-                       "speed-up vs direct"], table)
-    goals = data.get("goals", {})
-    lines += ["", *[f"- {'met' if ok else 'NOT met'}: {text}" for text, ok in goals.items()]]
-    series = sorted({(r["channels"], r["map"]) for r in rows}, key=lambda s: (-s[1], s[0]))
+    table = []
+    for r in rows:
+        s = r["seconds"]
+        choice = r["decision"].split(" -> ")[1].split(":")[0]
+        table.append([str(r["batch"]), str(r["channels"]), f"{r['map']}x{r['map']}", str(r["kernel"]),
+                      *(_ms(s.get(c)) for c in FFT_COLUMNS), choice, r["anchor"], f"{r['ratio']:.2f}x"])
+    lines = _md_table(["batch", "C", "map", "K", *FFT_COLUMNS, "lkfx's choice (NCHW in)", "fastest anchor",
+                       "lkfx / anchor"], table)
+    lines += ["", *[f"- {'met' if g['met'] else 'NOT met'}: {text} ({g['value']})"
+                    for text, g in data.get("goals", {}).items()]]
+    series = sorted({(r["batch"], r["channels"], r["map"]) for r in rows}, key=lambda s: (s[0], -s[2], s[1]))
 
     def draw(left, right) -> None:
-        for i, (c, h) in enumerate(series):
-            pts = sorted((r for r in rows if (r["channels"], r["map"]) == (c, h)), key=lambda r: r["kernel"])
-            ks, color = [r["kernel"] for r in pts], f"C{i % 10}"
-            left.plot(ks, [r["seconds"]["direct"] * 1e3 for r in pts], "x--", color=color, alpha=0.6)
-            left.plot(ks, [r["seconds"]["lkfx auto"] * 1e3 for r in pts], "o-", color=color, label=f"C={c}, {h}x{h}")
-            right.plot(ks, [r["seconds"]["direct"] / r["seconds"]["lkfx auto"] for r in pts], "o-", color=color,
-                       label=f"C={c}, {h}x{h}")
-        left.set(yscale="log", xlabel="kernel K", ylabel="ms (o- lkfx auto, x-- PyTorch direct)")
-        right.set(yscale="log", xlabel="kernel K", ylabel="speed-up: direct time / lkfx auto time")
+        for i, (b, c, h) in enumerate(series):
+            pts = sorted((r for r in rows if (r["batch"], r["channels"], r["map"]) == (b, c, h)),
+                         key=lambda r: r["kernel"])
+            ks, color, label = [r["kernel"] for r in pts], f"C{i % 10}", f"b{b} C={c}, {h}x{h}"
+            left.plot(ks, [r["seconds"][r["anchor"]] * 1e3 for r in pts], "x--", color=color, alpha=0.6)
+            left.plot(ks, [min(r["seconds"]["lkfx"], r["seconds"]["lkfx channels-last"]) * 1e3 for r in pts],
+                      "o-", color=color, label=label)
+            right.plot(ks, [r["ratio"] for r in pts], "o", color=color, label=label)
+        left.set(yscale="log", xlabel="kernel K", ylabel="ms (o- lkfx, x-- fastest anchor)")
+        right.axhline(1.05, color="red", ls=":", lw=1, label="goal: <= 1.05")
+        right.set(yscale="log", xlabel="kernel K", ylabel="lkfx time / fastest anchor time")
 
-    return Section("fft_conv on CPU (`benchmarks/fft_conv.py`)", "PyTorch direct conv (F.conv2d)", lines, draw,
-                   [f"Depthwise 'same' convs, batch {data['batch']}, {data['statistic']} of {data['repeats']}."])
+    return Section("Large depthwise convs on CPU (`benchmarks/fft_conv.py`)",
+                   "the fastest of NCHW, channels-last (with and without conversion), onnxruntime, inductor",
+                   lines, draw,
+                   [f"Depthwise 'same' convs, one thread, {data['statistic']} of {data['repeats']} interleaved "
+                    "rounds; lkfx: the faster of its NCHW-in and channels-last-in columns; inductor on the RepLKNet "
+                    "and K=51 rows only."])
 
 
 def reparam(data: dict) -> Section:
@@ -186,7 +199,10 @@ def kernel_warehouse(data: dict) -> Section:
 def quant(data: dict) -> Section:
     anchor = "quantize_static MinMax"
     lines = []
-    for model, entries in (("digits CNN", data["digits"]), (f"ResNet-18, {data['resnet_size']}px", data["resnet18"])):
+    tables = [("digits CNN", data["digits"]), ("MobileNetV1-like, ReLU6, 32x32", data.get("mobilenet_relu6")),
+              ("31x31 large-kernel net, 32x32", data.get("large_kernel_31x31")),
+              (f"ResNet-18, {data['resnet_size']}px", data["resnet18"])]
+    for model, entries in [(m, e) for m, e in tables if e]:
         acc = "accuracy" in entries["fp32"]
         rows = [[name, *([f"{e['accuracy']:.2f} %"] if acc else []), f"{e['latency_ms']:.2f} ms",
                  f"{e['size_bytes'] / 1024:.0f} KiB", f"{e['quantize_seconds']:.2f} s",
@@ -218,15 +234,24 @@ def quant(data: dict) -> Section:
                    [f"Calibration: {data['calibration']}; {data['threads']} thread(s), {data['runs']} rounds.{quick}"])
 
 
+COMPILE_COLUMNS = ("eager", "eager channels-last", "eager lkfx.transform", "inductor", "inductor + freezing", "lkfx",
+                   "onnxruntime")
+
+
+SPEEDUPS = ("lkfx / inductor + freezing speedup", "eager lkfx / eager channels-last speedup")
+
+
 def compile_(data: dict) -> Section:
-    """torch.compile backends: eager / inductor / lkfx latency per network and batch, lkfx against inductor."""
-    tools = ["eager", "inductor", "inductor + freezing", "lkfx", "lkfx + fft_conv"]
-    rows = [[r["network"], str(r["batch"]), *(_ms(_seconds(r.get(f"{t} ms"))) for t in tools),
-             f"{r['lkfx / inductor speedup']:.2f}x"] for r in data["rows"]]
-    lines = _md_table(["network", "batch", *tools, "inductor / lkfx (speedup)"], rows)
-    goals = [f"- goal {'met' if ok else 'NOT met'}: {goal}" for goal, ok in data.get("goals", {}).items()]
-    return Section("torch.compile backend (`benchmarks/compile.py`)", "backend=\"inductor\"", lines, None,
-                   [f"{data['size']}x{data['size']} inputs, fastest of {data['repeats']} calls, device "
+    """torch.compile backends and eager layouts per network and batch, lkfx against the fastest anchor."""
+    rows = [[r["network"], str(r["batch"]), *(_ms(_seconds(r.get(f"{t} ms"))) for t in COMPILE_COLUMNS),
+             r.get("anchor", ""), *(f"{r[k]:.2f}x" if k in r else "" for k in SPEEDUPS)] for r in data["rows"]]
+    lines = _md_table(["network", "batch", *COMPILE_COLUMNS, "fastest anchor", "lkfx speed-up over inductor + freezing",
+                       "eager lkfx speed-up over eager channels-last"], rows)
+    goals = [f"- goal {'met' if g['met'] else 'NOT met'}: {goal} ({g['value']})"
+             for goal, g in data.get("goals", {}).items() if isinstance(g, dict)]
+    return Section("torch.compile backend and eager layouts (`benchmarks/compile.py`)",
+                   "inductor + freezing; eager channels-last", lines, None,
+                   [f"{data['size']}x{data['size']} inputs, fastest of {data['repeats']} interleaved rounds, device "
                     f"{data['device']}.", "", *goals])
 
 

@@ -127,6 +127,8 @@ def test_quant_benchmark_quick(tmp_path):
                           str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     data = json.loads((tmp_path / "quant.json").read_text())
-    assert data["quick"] is True and len(data["goals"]) == 4 and (tmp_path / "quant.png").exists()
-    assert {f"lkfx {m}" for m in METHODS} | {"quantize_static Entropy", "fp32"} <= set(data["digits"])
-    assert "accuracy within 0.5 of fp32" in res.stdout and "resnet18 latency <= quantize_static" in res.stdout
+    assert data["quick"] is True and len(data["goals"]) == 12 and (tmp_path / "quant.png").exists()
+    for model in ("digits", "mobilenet_relu6", "large_kernel_31x31"):
+        assert {f"lkfx {m}" for m in METHODS} | {"quantize_static Entropy", "fp32"} <= set(data[model])
+        assert f"{model}: calibration time <= 1.5x the matching quantize_static method" in res.stdout
+    assert "fallback=auto recovers minmax" in res.stdout and "resnet18 latency <= quantize_static" in res.stdout

@@ -1,15 +1,21 @@
 """fake_quant: simulate int8 inference with quantize -> dequantize (QDQ) nodes, for post-training calibration
 and quantization-aware training.
 
-Weights: symmetric per output channel (``weight_bits``). Activations: per tensor, asymmetric unless
-``act_symmetric`` (``act_bits``), at the points ``placement`` names (``tensorrt``: inputs of conv / linear /
-matmul and the skip input of residual adds, by one rule for both frontends, `lkfx.quant.placement`; ``ort``:
-layer and add inputs and outputs). Ranges come from calibration
-batches with ``method`` (`lkfx.quant.observers`: minmax, ema, percentile, kl, symmetric_kl, js, mse; histogram
-searches set by ``bins``, ``search_start_scale``, ``search_end_scale``, ``search_step``; ``num_batches`` = 0 uses
-all). The math of quantization and of the QAT BatchNorm fold is in `lkfx.modules.fake_quant`.
+Weights: symmetric per output channel (``weight_bits``; ``per_channel=False``: one scale per tensor). Activations:
+per tensor, asymmetric unless ``act_symmetric`` (``act_bits``), at the points ``placement`` names (``tensorrt``:
+inputs of conv / linear / matmul and the skip input of residual adds, by one rule for both frontends,
+`lkfx.quant.placement`; ``ort``: layer and add inputs and outputs; the report says what each means for the
+runtime). Ranges come from calibration batches with ``method`` (`lkfx.quant.observers`: minmax (alias max), ema,
+percentile, kl (alias entropy), symmetric_kl, js, mse; histogram searches set by ``bins``, ``search_start_scale``,
+``search_end_scale``, ``search_step`` and guarded against ranges that clip a share of the data; ``num_batches`` = 0
+uses all; ``batch_size`` > 0 re-cuts all samples into batches of that size). ``exclude``: node names and op types
+(a list or a ';'-separated string) left float. ``fallback="auto"``: after calibration, the layers that hurt the
+output most are kept in float until ``||y_int8 - y|| / ||y||`` over the calibration batches is at most
+``fallback_bound``, and listed in the report. The math of quantization and of the QAT BatchNorm fold is in
+`lkfx.modules.fake_quant`.
 
-torch.fx (`fx.py`): fake-quant modules in the graph; ``qat=True`` fuses conv + BN for training (torch only).
+torch.fx (`fx.py`): fake-quant modules in the graph; ``qat=True`` fuses conv + BN for training (torch only; refused
+on ONNX).
 The model exports with ``torch.onnx.export`` to QuantizeLinear / DequantizeLinear pairs.
 ONNX (`onnx.py`): QDQ nodes inserted into the float model, calibrated with onnxruntime on ``--calib-data``.
 Where the frontends still differ: ONNX quantizes only Conv / Gemm / MatMul with a constant weight (not
@@ -20,8 +26,8 @@ them float), but leaves graph outputs float (torch.fx quantizes a last layer's o
 Error bound for ``check=True`` / ``--check``: max |int8 - float| / max |float| over the outputs <= 0.25 (0.5 when
 a bit width is below 8), with the first calibration batch as the ONNX check's input (random inputs fall outside
 the calibrated ranges and mean nothing). A sanity bound that catches a broken quantization (a wrong scale or
-zero point gives ~1), not an accuracy figure: on the digits CNN, 8-bit percentile / mse / minmax reach 0.01-0.04
-and kl / js, which clip on purpose, 0.14; 4-bit weights 0.27-0.40. Measure accuracy on your own data.
+zero point gives ~1), not an accuracy figure: on the digits CNN, 8-bit methods reach 0.01-0.14; 4-bit weights
+0.27-0.40. Measure accuracy on your own data (or bound the error with ``fallback="auto"``).
 """
 
 from __future__ import annotations

@@ -142,6 +142,7 @@ def _transform_module(model, passes, example_inputs, inplace, check, leaf_module
         _rewrite_children(work, "", run_all, inputs, leaf_modules, report, passes, hidden)
         result = work
     else:
+        _skip_uncalled(work, gm, passes, report)
         result = run_all(gm, example_inputs, type(model).__name__)
         result.training = work.training
     report.after = gfx.stats(result)
@@ -178,6 +179,20 @@ def _rewrite_children(module, prefix, run_all, inputs, leaf_modules, report, pas
             new.training = child.training
             _keep_attributes(child, new)
             setattr(module, name, new)
+
+
+def _skip_uncalled(model, gm, passes, report) -> None:
+    """List the modules a pass accounts for (`Pass.fx_subjects`) that the traced forward never reaches: neither
+    called nor read (torchvision's GoogLeNet runs its auxiliary heads in training only)."""
+    used = {n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
+    for p in passes:
+        for name, m in model.named_modules():
+            if isinstance(m, p.fx_subjects()) and not any(
+                    u == name or u.startswith(f"{name}.") or name.startswith(f"{u}.") for u in used):
+                pr = _pass_report(report, p)
+                pr.matched += 1
+                pr.skip(name, "the traced forward does not use it (a branch not taken, e.g. a head used in "
+                              "training only)", node=name)
 
 
 def _skip_hidden(module, path, passes, report, why) -> None:

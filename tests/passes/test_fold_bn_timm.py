@@ -150,6 +150,27 @@ def test_bns_inside_untraceable_modules_are_listed(tmp_path):
                for r in hidden.values()), hidden
 
 
+class AuxHead(nn.Module):
+    """An auxiliary head run in training only (torchvision's GoogLeNet): its BN is not in the traced graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8)
+        self.aux = nn.Sequential(nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return (y, self.aux(y)) if self.training else y
+
+
+def test_bn_the_traced_forward_does_not_use_is_listed():
+    model = randomize_batchnorm(AuxHead()).eval()
+    _, pr = fold_fx(model, torch.randn(2, 3, 8, 8))
+    assert pr.rewritten == 1
+    assert [(s.node, s.reason) for s in pr.skipped] == [
+        ("aux.1", "the traced forward does not use it (a branch not taken, e.g. a head used in training only)")]
+
+
 @pytest.mark.parametrize("name", ["efficientvit_m0", "mobilevitv2_050"])
 def test_untraceable_timm_models_account_for_every_bn(name, tmp_path):
     torch.manual_seed(0)

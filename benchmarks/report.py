@@ -169,31 +169,36 @@ def reparam(data: dict) -> Section:
 
 
 def kernel_warehouse(data: dict) -> Section:
-    rows, meta = data["rows"], data["meta"]
-    table = []
-    for r in rows:
-        budget = "static" if r["budget"] is None else f"KW({r['budget']:g}x)"
-        paper = "" if r["paper_params_m"] is None else f"{r['paper_params_m']:.2f} M"
-        table.append([r["model"], budget, f"{r['params'] / 1e6:.2f} M", paper, _ms(r["latency_s"]),
-                      _ms(r["static_latency_s"]), f"{r['latency_s'] / r['static_latency_s']:.2f}x"])
-    lines = _md_table(["model", "form", "parameters", "paper", "latency", "static latency (same run)",
-                       "KW / static"], table)
-    models = list(dict.fromkeys(r["model"] for r in rows))
+    meta, counts, latency = data["meta"], data["params"], data["latency"]
+    lines = _md_table(["model", "form", "parameters", "paper", "vs paper", "static"],
+                      [[c["model"], f"KW({c['budget']:g}x)", f"{c['params'] / 1e6:.2f} M", f"{c['paper_m']:.2f} M",
+                        f"{c['vs_paper']:+.2%}", f"{c['static_params'] / 1e6:.2f} M"] for c in counts])
+    lines += ["", *_md_table(["model (KW 1x)", "batch", "static", "grouped conv (official way)", "lkfx",
+                              "lkfx / grouped", "max rel. error"],
+                             [[r["model"], str(r["batch"]), _ms(r["static_s"]), _ms(r["grouped_s"]), _ms(r["lkfx_s"]),
+                               f"{r['lkfx_vs_grouped']:.2f}x", f"{r['max_rel_error_vs_grouped']:.1e}"]
+                              for r in latency]), ""]
+    lines += [f"- {'met' if met else 'NOT met'}: {text}" for text, met in data["goals"].items()]
+    models = list(dict.fromkeys(c["model"] for c in counts))
 
     def draw(left, right) -> None:
         for i, m in enumerate(models):
-            pts = [r for r in rows if r["model"] == m and r["budget"] is not None]
-            bs = [r["budget"] for r in pts]
-            left.plot(bs, [r["params"] / 1e6 for r in pts], "o-", color=f"C{i}", label=m)
-            left.axhline(next(r["params"] for r in rows if r["model"] == m and r["budget"] is None) / 1e6,
-                         color=f"C{i}", ls=":", lw=1)
-            right.plot(bs, [r["latency_s"] / r["static_latency_s"] for r in pts], "o-", color=f"C{i}", label=m)
-        left.set(xscale="log", xlabel="budget b", ylabel="parameters, M (dotted: static)")
-        right.set(xscale="log", xlabel="budget b", ylabel="KW latency / static latency")
+            pts = [c for c in counts if c["model"] == m]
+            left.plot([c["budget"] for c in pts], [c["params"] / 1e6 for c in pts], "o-", color=f"C{i}", label=m)
+            left.plot([c["budget"] for c in pts], [c["paper_m"] for c in pts], "x", color=f"C{i}")
+        left.set(xscale="log", yscale="log", xlabel="budget b", ylabel="parameters, M (x: paper)")
+        names = list(dict.fromkeys(r["model"] for r in latency))
+        for j, batch in enumerate((1, 8)):
+            rs = [next(r for r in latency if r["model"] == n and r["batch"] == batch) for n in names]
+            right.bar([k + 0.4 * j for k in range(len(names))], [r["lkfx_vs_grouped"] for r in rs], 0.4,
+                      label=f"batch {batch}")
+        right.axhline(1, color="gray", lw=1)
+        right.set(xticks=[k + 0.2 for k in range(len(names))], ylabel="lkfx / grouped-conv latency")
+        right.set_xticklabels(names)
 
-    return Section("KernelWarehouse (`benchmarks/kernel_warehouse.py`)", "the static model", lines, draw,
-                   [f"Batch {meta['batch']}, {meta['size']}x{meta['size']}, {meta['threads']} threads, median of "
-                    f"{meta['repeats']}."])
+    return Section("KernelWarehouse (`benchmarks/kernel_warehouse.py`)", "the official code's grouped conv", lines,
+                   draw, [f"{meta['size']}x{meta['size']}, {meta['threads']} thread, flush-denormal, fastest of "
+                          f"{meta['repeats']}, {meta['machine']}; {meta['note']}."])
 
 
 def quant(data: dict) -> Section:

@@ -1,11 +1,11 @@
 """KernelWarehouse dynamic convolution (Li & Yao, 2023): the convs of a stage assemble per-sample kernels from
 one shared warehouse of small kernel cells.
 
-Kernel partition. A kernel ``W`` of shape ``(out, in/groups, *k)`` is cut into ``m`` disjoint cells of
-shape ``(co, ci, 1, ...)`` (1x1 spatially), ``m = (out / co) (in/groups / ci) prod(k)``. The cell channel
-sizes are the gcd of the out channels and of the in/groups channels of all layers sharing the warehouse,
-times a cell ratio (1 for a budget b >= 1, 1/2 below; precisely: the largest divisor of the gcd not above
-gcd * ratio).
+Kernel partition. A kernel ``W`` of shape ``(out, in/groups, *k)`` (a Linear's ``(out, in)``: a 1x1 conv) is
+cut into ``m`` disjoint cells ``(co, ci)`` (1x1 spatially), ``m = (out / co) (in/groups / ci) prod(k)``. The
+cell channel sizes are the gcd of the out channels and of the in/groups channels of all layers sharing the warehouse,
+times a cell ratio (1 for a budget b >= 1, 1/2 below; one for both or ``(out, in)``; precisely: the largest
+divisor of the gcd not above gcd * ratio).
 
 Warehouse sharing. The layers of a warehouse share ``n = int(b sum_l m_l)`` cells ``E``, so the cells hold b
 times the static kernels' parameters. Each layer owns a contiguous block of about ``b m_l`` cells (the blocks
@@ -27,10 +27,17 @@ kernel is exactly its assigned cells: with b >= 1 and `KWConv.load_kernel` the c
 With ``nonlocal_basis`` < 1 (official ResNet50 at 1/2x) FC2 outputs a layer's own cells directly and the other
 layers' cells through a basis of ``max(nonlocal_basis * (n - block), 16)`` features and a linear map FC3.
 
-Assembly and conv. The per-sample kernels ``(B, out, in/groups, *k)`` are applied by one grouped conv with the
-batch folded into the groups: input ``(1, B in, *size)``, ``B groups`` groups. ONNX Conv's ``group`` is a
-constant, so while exporting (`torch.onnx.export`, `torch.export`) the same conv is computed independently of
-the batch size: the padded input is sliced per kernel tap (im2col) and multiplied with the kernels (MatMul).
+Assembly and conv. The per-sample kernels ``(B, out, in/groups, *k)`` (one GEMM ``alpha @ E`` for the batch)
+are applied, at batch B > 1, as: a 1x1 conv (no padding) by one ``bmm`` over the batch, ``y_b = W_b x_b`` on
+``(B, in, HW)`` (a channels-last input as ``(B, HW, in) @ W_b^T``, output channels-last), strided by
+subsampling; dense and grouped kxk convs by one conv per sample (oneDNN runs the batch folded into a
+batch-sized group count slower); depthwise convs by one conv over the batch folded into the groups (input
+``(1, B in, *size)``, ``B groups`` groups: oneDNN's depthwise kernel). At batch 1 every conv is one conv with
+the sample's kernel. A Linear (``kernel_size == ()``, input ``(B, ..., in)``, channels last) is one ``bmm``
+over the batch: the official KWLinear's 1x1 conv1d. All paths compute the official batch-folded grouped conv
+up to float rounding (tests: <= 1e-6 relative). ONNX Conv's ``group`` is a constant, so while exporting
+(`torch.onnx.export`, `torch.export`) a kxk conv is computed independently of the batch size: the padded
+input is sliced per kernel tap (im2col) and multiplied with the kernels (MatMul).
 
 `tau` is a buffer, saved in the state_dict (the official code keeps it in a plain attribute). The warehouse is
 a submodule of the first conv that uses it (state_dict key ``<conv>.warehouse.cells``) and the others hold a
@@ -254,7 +261,7 @@ class KWConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.kernels(x)
-        if self._matmul_only:
+        if self._matmul_only and (x.shape[0] > 1 or not self.kernel_size):  # batch 1: oneDNN's 1x1 conv
             y = self._batched_matmul(x, w)
         else:
             y = self._conv(x, w)

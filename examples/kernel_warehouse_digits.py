@@ -8,9 +8,10 @@
    stage 1 = 4x4) and trains it with the same data order, while `TemperatureSchedule` decays tau linearly
    1 -> 0 over the first epochs, per iteration;
 3. prints the parameters (all; conv kernels or warehouse cells; attention) and test accuracy of each, and
-   PASS when KW(1x) is within 1 point of the baseline or better (exit status 1 otherwise). Seeds and a single
-   thread make runs on one machine repeat; another CPU rounds differently in its float kernels and, through
-   training, prints somewhat different accuracies (the figures in docs/kernel_warehouse.md name their machine).
+   PASS when KW(1/2x) and KW(1x) are within 1 point of the baseline or better (exit status 1 otherwise).
+   Seeds and a single thread make runs on one machine repeat; another CPU rounds differently in its float
+   kernels and, through training, prints somewhat different accuracies (the figures in
+   docs/kernel_warehouse.md name their machine).
 """
 
 from __future__ import annotations
@@ -105,9 +106,9 @@ def main() -> int:
         print(f"{name:<10} {n:>10} {kernels:>8} {attention:>9} {acc:>10.2f} {secs:>8.1f}")
     print("The budget scales the kernels (the warehouse holds b x the static kernels); each KW conv adds an\n"
           "attention of about in * hidden + hidden * m (n + 1) parameters: most of a network this small.")
-    ok = rows[2][4] >= rows[0][4] - 1.0
-    print(f"{'PASS' if ok else 'FAIL'}: KW(1x) {rows[2][4]:.2f}% vs static {rows[0][4]:.2f}% "
-          "(must be >= static - 1)")
+    ok = min(rows[1][4], rows[2][4]) >= rows[0][4] - 1.0
+    print(f"{'PASS' if ok else 'FAIL'}: KW(1/2x) {rows[1][4]:.2f}%, KW(1x) {rows[2][4]:.2f}% vs static "
+          f"{rows[0][4]:.2f}% (each must be >= static - 1)")
     return 0 if ok else 1
 
 

@@ -58,10 +58,11 @@ def test_unrunnable_benchmarks_are_skipped_with_reason(report) -> None:
 def test_times_carry_their_real_unit(report) -> None:
     """fft_conv and kernel_warehouse store seconds, compile stores milliseconds: every cell shows milliseconds."""
     assert report._ms(0.63) == "630 ms" and report._ms(0.00123) == "1.23 ms" and report._ms(None) == ""
-    kw = {"meta": {"batch": 8, "size": 224, "threads": 1, "repeats": 3},
-          "rows": [{"model": "m", "budget": None, "params": 1e6, "paper_params_m": None, "latency_s": 0.63,
-                    "static_latency_s": 0.63}]}
-    assert "| 630 ms | 630 ms | 1.00x |" in "\n".join(report.kernel_warehouse(kw).lines)
+    seconds = dict.fromkeys(report.FFT_COLUMNS, 0.63)
+    fft = {"repeats": 7, "statistic": "fastest", "goals": {}, "rows": [
+        {"batch": 1, "channels": 64, "map": 56, "kernel": 51, "seconds": seconds, "anchor": "NCHW", "ratio": 1.0,
+         "decision": "depthwise 51x51 on 1x64x56x56 -> FFT 90x90: predicted ..."}]}
+    assert "| 1 | 64 | 56x56 | 51 | 630 ms |" in "\n".join(report.fft_conv(fft).lines)
     row = {"network": "n", "batch": 1, "eager ms": 1462.9, "inductor ms": 87.0, "lkfx ms": 86.0, "anchor": "inductor",
            "lkfx / inductor speedup": 1.01}
     lines = report.compile_({"rows": [row], "size": 224, "repeats": 3, "device": "cpu"}).lines

@@ -1,6 +1,6 @@
 """Large depthwise convs on CPU: lkfx's choice against every anchor a user has, one thread, one run.
 
-    python benchmarks/fft_conv.py [--quick] [--repeats R] [--out DIR]
+    python benchmarks/fft_conv.py [--quick] [--repeats R] [--threads T] [--out DIR]
 
 Grid: depthwise 'same' convs (C channels, HxH map, KxK kernel): RepLKNet-31B's four large-kernel layers
 (C128 56x56 K31, C256 28x28 K29, C512 14x14 K27, C1024 7x7 K13) and SLaK's K=51 layers (C64 56x56, C128 28x28)
@@ -183,9 +183,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few small shapes, no inductor (smoke test)")
     parser.add_argument("--repeats", type=int, default=None, help="rounds per row (default 7, quick 3)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the published setting)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the JSON (full run: results/)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     rounds = args.repeats or (3 if args.quick else 7)
     shapes = QUICK if args.quick else FULL
@@ -198,7 +199,7 @@ def main() -> None:
         start = time.perf_counter()
         constants = cost_model("cpu").constants
         calibration_s = time.perf_counter() - start
-        print(f"cost model calibrated in {calibration_s:.2f} s (1 thread)")
+        print(f"cost model calibrated in {calibration_s:.2f} s ({args.threads} thread(s))")
         rows = []
         cols = [*ANCHORS, "bare FFT", "lkfx", "lkfx channels-last"]
         print(" ".join(f"{c[:14]:>14}" for c in ["b C map K", *cols]), " ratio  lkfx's choice")
@@ -216,7 +217,7 @@ def main() -> None:
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         data = {"machine": f"{platform.processor() or platform.machine()}, {platform.system()}, torch "
-                           f"{torch.__version__}, 1 thread (machine shared with other jobs)",
+                           f"{torch.__version__}, {args.threads} thread(s) (machine shared with other jobs)",
                 "repeats": rounds, "statistic": "fastest", "calibration_s": calibration_s, "rows": rows,
                 "goals": results, "cost_model_constants": constants}
         path = out_dir / "fft_conv.json"

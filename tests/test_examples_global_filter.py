@@ -21,5 +21,5 @@ def test_fft_conv_benchmark_quick(tmp_path):
     res = subprocess.run([sys.executable, str(bench), "--quick", "--repeats", "1", "--threads", "1", "--out",
                           str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "auto within 10% of the faster" in res.stdout and "auto >= 5x faster than direct" in res.stdout
-    assert (tmp_path / "fft_conv.json").exists() and (tmp_path / "fft_conv.png").exists()
+    assert "lkfx <= 1.05x the fastest anchor on every row" in res.stdout and "at K=51" in res.stdout
+    assert (tmp_path / "fft_conv.json").exists()

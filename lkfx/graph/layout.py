@@ -9,7 +9,7 @@ Converting never changes a value, only strides, so any region is exact; which re
 
 `region_of` grows a region from a node through neighbours that are layout-agnostic 4-D ops (it needs shapes:
 ``tensor_meta`` from `lkfx.graph.fx.propagate_shapes`); `edges` lists the tensors entering and leaving it;
-`to_channels_last` inserts the conversions.
+`convert` inserts the conversions.
 """
 
 from __future__ import annotations
@@ -85,27 +85,32 @@ def nbytes(node: fx.Node) -> int:
     return meta.shape.numel() * meta.dtype.itemsize
 
 
-def to_channels_last(gm: fx.GraphModule, region: set[fx.Node]) -> None:
-    """Convert each tensor entering `region` to channels-last before its first use there, and each region tensor
-    used outside it back to contiguous for those uses (tensors that were channels-last in the example run are
-    left as they are: the model expects that layout)."""
+def convert(gm: fx.GraphModule, region: set[fx.Node], channels_last: bool = True) -> None:
+    """Run `region` channels-last (or NCHW): convert each tensor entering it that has the other layout before its
+    first use there, and each region tensor used outside it back to the layout it had in the example run, for those
+    uses (the model's outputs keep the layout the model gave them)."""
     entering, leaving = edges(gm, region)
     graph = gm.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
     for a in entering:
-        if is_channels_last(a):
+        if is_channels_last(a) == channels_last:
             continue
         users = [u for u in a.users if u in region]
-        with graph.inserting_before(min(users, key=list(graph.nodes).index)):
-            cl = graph.call_method("contiguous", (a,), {"memory_format": torch.channels_last})
-        cl.meta.update(a.meta)
+        with graph.inserting_before(min(users, key=order.get)):
+            new = graph.call_method("contiguous", (a,), {"memory_format": _format(channels_last)})
+        new.meta.update(a.meta)
         for u in users:
-            u.replace_input_with(a, cl)
+            u.replace_input_with(a, new)
     for n in leaving:
-        if is_channels_last(n):
+        if is_channels_last(n) == channels_last:
             continue
         outside = [u for u in n.users if u not in region or n not in data_inputs(gm, u)]
         with graph.inserting_after(n):
-            back = graph.call_method("contiguous", (n,))
+            back = graph.call_method("contiguous", (n,), {"memory_format": _format(is_channels_last(n))})
         back.meta.update(n.meta)
         for u in outside:
             u.replace_input_with(n, back)
+
+
+def _format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format

@@ -24,19 +24,19 @@ functional `lkfx.modules.fft_conv.fft_conv2d` instead of a module: its weight an
 inputs included (only their shapes, from the node's ``val`` / ``tensor_meta``, are read), the kernel spectrum is
 computed in the graph and gradients reach W and b, so the rewrite is valid for training.
 
-``mode='auto'`` (default) asks `lkfx.backends.fft_cost.CostModel`, calibrated once per machine and cached, for
-the time of each selected conv at the example batch size in each of three ways: NCHW direct, channels-last
-direct (oneDNN, no large-kernel cliff) and FFT; the FFT must be predicted at least 1.25x faster than the better
-direct layout (its prediction is the optimistic one); kernels below 5x5 never take it. Layout is planned per
-run of layout-agnostic ops (convs, BN, activations, pooling, adds: `lkfx.graph.layout`), not per conv: a run
-whose large convs with the conversions at its edges cost less channels-last than NCHW is converted to
-channels-last once on the way in and back once on the way out; a conv alone in its run that is cheaper
-channels-last even with its own two conversions gets them. Tensors already channels-last in the example run are
-not converted, so a channels-last model keeps its layout. In ATen graphs (the torch.compile backend) inductor
+``mode='auto'`` (default) asks `lkfx.backends.fft_cost.CostModel`, calibrated once per machine and cached, for the
+time of each selected conv at the example batch size in each of three ways: NCHW direct, channels-last direct
+(oneDNN, no large-kernel cliff) and FFT; the FFT must be predicted at least 1.25x faster than the better direct
+layout (its prediction is the optimistic one); kernels below 5x5 never take it. Layout is planned per run of
+layout-agnostic ops (convs, BN, activations, pooling, adds: `lkfx.graph.layout`), not per conv: a run whose large
+convs with the conversions at its edges cost less channels-last than NCHW is converted to channels-last once on the
+way in and back once on the way out; a conv alone in its run that is cheaper in the other layout even with its own
+two conversions gets them (also NCHW inside a channels-last model). Tensors already channels-last in the example run
+are not converted, so a channels-last model keeps its layout. In ATen graphs (the torch.compile backend) inductor
 lays tensors out itself, channels-last for CPU convs: there the direct candidates are priced with channels-last
-neighbours and only the FFT is a rewrite. ``mode='always'`` rewrites every selected conv to FFT. Each conv's
-chosen candidate and every candidate's predicted time go in the report (rewritten convs as notes, convs kept as
-they are as skips).
+neighbours and only the FFT is a rewrite. ``mode='always'`` rewrites every selected conv to FFT. Each conv's chosen
+candidate and every candidate's predicted time go in the report (rewritten convs as notes, convs kept as they are as
+skips).
 
 ONNX: the DFT subgraph needs opset 20 (DFT with its axis as an input); older models are refused with the
 command to convert them. The transforms are power-of-2 long: onnxruntime's CPU DFT is a naive O(N^2) loop for
@@ -321,15 +321,16 @@ def _plan(gm: Any, selected: list[_Selected], report: Any, aten: bool) -> dict[A
             as_nchw = sum(own[n].seconds[own[n].choice] for n in convs)
             as_cl = sum(in_cl[n].seconds[in_cl[n].choice] for n in convs) + convert
             if as_cl < as_nchw and moved:
-                layout.to_channels_last(gm, region)
+                layout.convert(gm, region)
                 text = (f"in a channels-last run of {len(region)} ops converted at its {len(moved)} edges (predicted "
                         f"{as_cl * 1e3:.3g} ms for its {len(convs)} large convs and the conversions, against "
                         f"{as_nchw * 1e3:.3g} ms in NCHW)")
                 for n in convs:
                     decisions[n], regions[n] = in_cl[n], text
         for c in selected:
-            if c.node not in regions and decisions[c.node].choice == "channels_last" and not c.shape.channels_last:
-                layout.to_channels_last(gm, {c.node})
+            choice = decisions[c.node].choice
+            if c.node not in regions and choice != "fft" and (choice == "channels_last") != c.shape.channels_last:
+                layout.convert(gm, {c.node}, choice == "channels_last")
                 regions[c.node] = "converted in and out"
     choices = {}
     for c in selected:

@@ -430,3 +430,24 @@ def test_fx_channels_last_model_keeps_its_layout(slow_fft):
                for s in pr.skipped if "dw" in s.where)
     with torch.no_grad():
         assert out(x).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fx_channels_last_model_gets_nchw_where_nchw_is_cheaper(tmp_path, monkeypatch):
+    """Channels-last model, a conv whose NCHW form is far cheaper even with two conversions: converted to NCHW
+    and back around that conv alone; the output stays channels-last and equal."""
+    monkeypatch.setenv("LKFX_CACHE_DIR", str(tmp_path))
+    constants = {**FIXED, "fft_s": dict.fromkeys(FIXED["fft_s"], 1e-6),
+                 "dw_mac_s": dict.fromkeys(fft_cost.DW_KERNELS, 1e-12)}
+    (tmp_path / fft_cost.CACHE_FILE).write_text(
+        json.dumps({"format": fft_cost._FORMAT, "machines": {machine_key("cpu"): constants}}))
+    torch.manual_seed(0)
+    model = nn.Sequential(Stage(16, 17)).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 16, 28, 28).contiguous(memory_format=torch.channels_last)
+    out, pr = transform(model, x, min_kernel=5)
+    formats = [n.kwargs.get("memory_format") for n in out.graph.nodes if n.op == "call_method"]
+    assert formats == [torch.contiguous_format, torch.channels_last], out.code
+    assert pr.rewritten == 1 and "-> NCHW direct" in pr.notes[0] and "converted in and out" in pr.notes[0]
+    with torch.no_grad():
+        y = out(x)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert max_rel_error([model(x).numpy()], [y.numpy()]) <= 1e-5

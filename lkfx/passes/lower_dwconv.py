@@ -14,9 +14,10 @@ torch.fx: ``nn.Conv2d`` modules (the new node reads the module's own weight and 
 and tied weights are unaffected), ``F.conv2d`` / ``torch.conv2d`` calls and ATen ``aten.convolution`` /
 ``aten.conv2d`` nodes whose weight is a placeholder (graphs handed to a torch.compile backend): the weight's
 values are never read, only its shape (from the tensor, or the node's ``val`` / ``tensor_meta``, which
-``example_inputs`` fills in). The op computes ``F.conv2d`` on the CPU (or the FFT when lkfx's cost model
-picks it) and Triton on CUDA; it has autograd, a fake implementation for torch.compile / torch.export, and
-exports to the ONNX plugin node (`lkfx.backends.dwconv_op.onnx_translation_table`).
+``example_inputs`` fills in). On the CPU the op runs the fastest of NCHW direct, channels-last direct and the
+FFT as lkfx's cost model predicts it (output in the input's layout); on CUDA, Triton; it has autograd, a fake
+implementation for torch.compile / torch.export, and exports to the ONNX plugin node
+(`lkfx.backends.dwconv_op.onnx_translation_table`).
 
 ONNX: the Conv node becomes the plugin node in place (same inputs and output; a zero bias is added where the
 conv had none, the plugin always takes three inputs); the op_type is the plugin's

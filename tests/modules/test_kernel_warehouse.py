@@ -5,6 +5,8 @@ the temperature schedule, and DistributedDataParallel training on 2 CPU processe
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -25,6 +27,10 @@ from lkfx.modules.kernel_warehouse import (
     layout,
     set_temperature,
 )
+
+# the reference path: the official code's batch-folded grouped conv, the benchmark's anchor
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from kernel_warehouse import grouped_forward  # noqa: E402
 
 # ResNet18's stage-0 warehouse: layer1's four 3x3 convs, then layer2.0.conv1 and its downsample (handover)
 RESNET18_STAGE0 = [(64, 64, 3, 3)] * 4 + [(128, 64, 3, 3), (128, 64, 1, 1)]
@@ -180,21 +186,6 @@ def test_batch_folded_conv_is_one_conv_per_sample(conv):
     assert rel(ref, y) <= TOL
 
 
-def folded_grouped_conv(kw: KWConv, x: torch.Tensor) -> torch.Tensor:
-    """The reference path (the official code's): per-sample kernels applied by one conv over the batch folded
-    into the groups; a Linear as a 1x1 conv1d over its rows."""
-    b, w = x.shape[0], kw.kernels(x)
-    if not kw.kernel_size:
-        rows = x.reshape(b, -1, x.shape[-1]).transpose(1, 2).reshape(1, -1, x[0].numel() // x.shape[-1])
-        y = F.conv1d(rows, w.reshape(-1, w.shape[2], 1), None, 1, 0, 1, b).reshape(b, kw.out_channels, -1)
-        y = y.transpose(1, 2).reshape(*x.shape[:-1], kw.out_channels)
-        return y if kw.bias is None else y + kw.bias
-    y = F.conv2d(x.reshape(1, -1, *x.shape[2:]), w.reshape(-1, *w.shape[2:]), None, kw.stride, kw.padding,
-                 kw.dilation, kw.groups * b)
-    y = y.reshape(b, kw.out_channels, *y.shape[2:])
-    return y if kw.bias is None else y + kw.bias.reshape(1, -1, 1, 1)
-
-
 @pytest.mark.parametrize("conv", [
     {"kernel_size": 1, "padding": 0, "bias": True},  # one bmm
     {"kernel_size": 1, "padding": 0, "stride": 2},  # subsampled, one bmm
@@ -204,14 +195,14 @@ def folded_grouped_conv(kw: KWConv, x: torch.Tensor) -> torch.Tensor:
 ])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_fast_paths_equal_the_batch_folded_grouped_conv(conv, batch, channels_last):
+def test_fast_paths_equal_the_batch_grouped_forward(conv, batch, channels_last):
     _, kw = kw_pair(0.5, **conv)
     kw.eval().tau.fill_(0.3)
     x = torch.randn(batch, kw.in_channels, 12, 12)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        y, ref = kw(x), folded_grouped_conv(kw, x)
+        y, ref = kw(x), grouped_forward(kw, x)
     assert y.shape == ref.shape and rel(ref, y) <= 1e-6
     if channels_last and kw._matmul_only and batch > 1 and conv.get("stride", 1) == 1:
         assert y.is_contiguous(memory_format=torch.channels_last)  # the 1x1 bmm keeps channels-last
@@ -228,8 +219,8 @@ def test_linear_is_a_dynamic_1x1_conv_over_the_last_dim(shape):
         for kw in kws:
             kw.tau.fill_(0.3)
         h = kws[0](x)
-        assert rel(folded_grouped_conv(kws[0], x), h) <= 1e-6
-        assert rel(folded_grouped_conv(kws[1], h), kws[1](h)) <= 1e-6
+        assert rel(grouped_forward(kws[0], x), h) <= 1e-6
+        assert rel(grouped_forward(kws[1], h), kws[1](h)) <= 1e-6
 
 
 def test_conv1d():

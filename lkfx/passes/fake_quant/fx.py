@@ -37,6 +37,7 @@ from lkfx.errors import LkfxError
 from lkfx.modules.fake_quant import ConvBnFakeQuant, FakeQuant, WeightFakeQuant
 from lkfx.passes import PassContext
 from lkfx.patterns.fx import FxView, is_metadata_read
+from lkfx.quant import fallback
 from lkfx.quant.observers import OPTIONS, make_observer
 from lkfx.quant.placement import residual_skip
 
@@ -61,10 +62,7 @@ def check_config(config: dict[str, Any]) -> None:
         if not (isinstance(config[key], int) and config[key] >= 0):
             meaning = "all" if key == "num_batches" else "as given"
             raise LkfxError(f"fake_quant {key} must be an integer >= 0 (0 = {meaning}), got {config[key]!r}")
-    if config["fallback"] not in ("none", "auto"):
-        raise LkfxError(f"fake_quant fallback must be 'none' or 'auto', got {config['fallback']!r}")
-    if not (isinstance(config["fallback_bound"], (int, float)) and config["fallback_bound"] > 0):
-        raise LkfxError(f"fake_quant fallback_bound must be a number > 0, got {config['fallback_bound']!r}")
+    fallback.check_options(config)
     make_observer(config["method"], **observer_options(config))  # validates the method and its options
 
 
@@ -336,9 +334,7 @@ PLACEMENT_NOTES = {
 
 
 def _fallback(gm: fx.GraphModule, reference: fx.GraphModule, data: Any, config: dict[str, Any], report: Any) -> None:
-    """Keep the worst layers in float (weight and inputs read unquantized) until the output error
-    ``||y_int8 - y||_2 / ||y||_2`` over the calibration batches is at most ``fallback_bound``: each quantized layer
-    alone (the others float) is measured, then the worst are kept in float one by one (as on ONNX)."""
+    """Keep the worst layers in float (weight and inputs read unquantized; the search: `lkfx.quant.fallback`)."""
     from lkfx.quant.calibrate import _batches
 
     batches = _batches(gm, data, config["num_batches"])
@@ -370,29 +366,18 @@ def _fallback(gm: fx.GraphModule, reference: fx.GraphModule, data: Any, config: 
             got = [_flat(gm(*b)) for b in batches]
         gm.train(was)
         set_float(names, False)
-        num = sum(float(((g - e) ** 2).sum()) for g, e in zip(got, expected, strict=True))
-        return (num / max(sum(float((e**2).sum()) for e in expected), 1e-30)) ** 0.5
+        return fallback.relative_error(got, expected)
 
-    bound, start = config["fallback_bound"], error(set())
-    if start <= bound:
-        report.note(f"fallback=auto: output error {start:.4f} <= fallback_bound={bound}: every layer quantized")
-        return
-    alone = {k: error(set(layers) - {k}) for k in layers}
-    kept: set[str] = set()
-    err = start
-    for k in sorted(layers, key=alone.get, reverse=True):
-        kept.add(k)
-        report.skip(k, f"kept in float by fallback=auto: quantized alone it moves the output by {alone[k]:.4f}")
-        err = error(kept)
-        if err <= bound:
-            break
-    set_float(kept, True)
-    gm.graph.eliminate_dead_code()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-    report.rewritten -= len(kept)
-    report.note(f"fallback=auto: output error {start:.4f} -> {err:.4f} (fallback_bound={bound}) with "
-                f"{len(kept)} layer(s) kept in float: {', '.join(sorted(kept))}")
+    kept, note = fallback.float_layers(list(layers), error, config["fallback_bound"])
+    for k, why in kept.items():
+        report.skip(k, f"kept in float by fallback=auto: {why}")
+    if kept:
+        set_float(set(kept), True)
+        gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+        report.rewritten -= len(kept)
+    report.note(note)
 
 
 def _flat(out: Any) -> torch.Tensor:

@@ -46,6 +46,7 @@ import onnx_graphsurgeon as gs
 from lkfx.errors import LkfxError
 from lkfx.passes.base import PassContext
 from lkfx.patterns.onnx import OnnxView
+from lkfx.quant import fallback
 from lkfx.quant.placement import residual_skip
 from lkfx.report import PassReport
 
@@ -156,38 +157,19 @@ def _apply(graph: gs.Graph, layers: dict[str, tuple[np.ndarray, int]], points: d
 
 def _fallback(graph: gs.Graph, layers: dict, points: dict, qp: dict, batches: list, config: dict, keep: set[str],
               report: PassReport) -> dict[str, str]:
-    """Layers to keep in float so that the output error ``||y_int8 - y||_2 / ||y||_2`` over the calibration batches
-    is at most ``fallback_bound``: each quantized layer alone (the others float) is measured, then the worst are kept
-    in float one by one until the whole model is within the bound. Returns ``{layer: why}``."""
-    bound = config["fallback_bound"]
+    """Layers to keep in float (`lkfx.quant.fallback`), measured in onnxruntime. Returns ``{layer: why}``."""
     base = graph.copy()
-    reference = _outputs(base, batches)
+    reference = [r.astype(np.float64) for r in _outputs(base, batches)]
 
-    def error(float_layers: set[str]) -> float:
+    def error(names: set[str]) -> float:
         g = base.copy()
-        _apply(g, layers, points, qp, config, keep | float_layers)
+        _apply(g, layers, points, qp, config, keep | names)
         g.cleanup().toposort()
-        got = _outputs(g, batches)
-        num = sum(float(np.sum((a.astype(np.float64) - b) ** 2)) for a, b in zip(got, reference, strict=True))
-        return (num / max(sum(float(np.sum(b.astype(np.float64) ** 2)) for b in reference), 1e-30)) ** 0.5
+        return fallback.relative_error([a.astype(np.float64) for a in _outputs(g, batches)], reference)
 
-    start = error(set())
-    candidates = [k for k in layers if k not in keep]
-    if start <= bound or not candidates:
-        report.note(f"fallback=auto: output error {start:.4f} <= fallback_bound={bound}: every layer quantized"
-                    if start <= bound else f"fallback=auto: output error {start:.4f} > {bound}, no layer left")
-        return {}
-    alone = {k: error(set(candidates) - {k}) for k in candidates}
-    out: dict[str, str] = {}
-    err = start
-    for k in sorted(candidates, key=alone.get, reverse=True):
-        out[k] = f"quantized alone it moves the output by {alone[k]:.4f}"
-        err = error(set(out))
-        if err <= bound:
-            break
-    report.note(f"fallback=auto: output error {start:.4f} -> {err:.4f} (fallback_bound={bound}) with "
-                f"{len(out)} layer(s) kept in float: {', '.join(out)}")
-    return out
+    kept, note = fallback.float_layers([k for k in layers if k not in keep], error, config["fallback_bound"])
+    report.note(note)
+    return kept
 
 
 def _outputs(graph: gs.Graph, batches: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
@@ -212,10 +194,7 @@ def _observer_factory(graph: gs.Graph, config: dict):
         raise LkfxError("qat=true is for torch models (it fuses conv + BN into trainable fake-quant modules); an ONNX "
                         "model cannot be trained here: drop qat (post-training calibration), or run fake_quant with "
                         "qat=true on the torch model and export it")
-    if config["fallback"] not in ("none", "auto"):
-        raise LkfxError(f"fallback must be 'none' or 'auto', got {config['fallback']!r}")
-    if not (isinstance(config["fallback_bound"], (int, float)) and config["fallback_bound"] > 0):
-        raise LkfxError(f"fallback_bound must be a number > 0, got {config['fallback_bound']!r}")
+    fallback.check_options(config)
     if config["act_bits"] != 8:
         raise LkfxError(f"act_bits={config['act_bits']!r}: on ONNX activations are 8-bit (QuantizeLinear saturates to "
                         "the 8-bit type); use act_bits=8")

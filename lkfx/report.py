@@ -108,10 +108,16 @@ class Report:
         if self.check is not None:
             c = self.check
             out.append(f"check: max relative error {c['max_rel_error']:.3g} (tolerance {c['tolerance']:g})")
-            if "original_error" in c:
+            verdict = "passed" if c["passed"] else "failed"
+            if "rewritten_float64_error" in c:
                 out.append(f"check: from a float64 run of the original: original {c['original_error']:.3g}, "
-                           f"rewritten {c['rewritten_error']:.3g} ({'passed' if c['passed'] else 'failed'}: "
-                           "fails beyond twice the original's, plus the tolerance)")
+                           f"rewritten {c['rewritten_error']:.3g}, rewritten run in float64 "
+                           f"{c['rewritten_float64_error']:.3g} ({verdict}: fails beyond the original's, plus the "
+                           "tolerance)")
+            elif "original_error" in c:
+                out.append(f"check: from a float64 run of the original: original {c['original_error']:.3g}, "
+                           f"rewritten {c['rewritten_error']:.3g} ({verdict}: fails beyond twice the original's, "
+                           "plus the tolerance)")
             if "note" in c:
                 out.append(f"check: {c['note']}")
         return "\n".join(out)

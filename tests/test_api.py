@@ -63,6 +63,18 @@ def test_onnx_path_and_proto_in_proto_out(tmp_path):
     assert same is proto and count(proto, "BatchNormalization") == 0
 
 
+def test_onnx_example_inputs_by_name_in_order_or_as_tensors():
+    proto = conv_bn_chain(c=4, hw=8)
+    x = torch.randn(1, 4, 8, 8)
+    for given in (x, x.numpy(), (x,), [x.numpy()], {"x": x.numpy()}):
+        _, report = lkfx.transform(proto, ["fold_bn"], example_inputs=given, check=True, return_report=True)
+        assert report.check["passed"]
+    with pytest.raises(LkfxError, match=r"2 example input\(s\) for a graph with 1 input\(s\) \['x'\]"):
+        lkfx.transform(proto, ["fold_bn"], example_inputs=(x, x), check=True)
+    with pytest.raises(LkfxError, match=r"\['y'\] are not inputs of the graph; its inputs are \['x'\]"):
+        lkfx.transform(proto, ["fold_bn"], example_inputs={"y": x.numpy()}, check=True)
+
+
 def test_pass_items_names_tuples_objects():
     net, x = small_net(), torch.randn(1, 3, 8, 8)
     cls = type(lkfx.passes.get_pass("fold_bn")())

@@ -322,6 +322,22 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray
     return feeds
 
 
+def as_feeds(model: onnx.ModelProto, inputs: Any) -> dict[str, np.ndarray]:
+    """`inputs` as ``{graph input name: array}``: a dict by name, or one array / tensor (or a sequence of them) for
+    the graph inputs in order."""
+    names = [i.name for i in model.graph.input if i.name not in _initializer_inputs(model)]
+    if not isinstance(inputs, dict):
+        inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        if len(inputs) != len(names):
+            raise LkfxError(f"{len(inputs)} example input(s) for a graph with {len(names)} input(s) {names}: give one "
+                            "array per graph input, in order, or a {name: array} dict")
+        inputs = dict(zip(names, inputs, strict=True))
+    unknown = sorted(set(inputs) - set(names))
+    if unknown:
+        raise LkfxError(f"example inputs {unknown} are not inputs of the graph; its inputs are {names}")
+    return {k: v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v) for k, v in inputs.items()}
+
+
 def precision_ratio(model: onnx.ModelProto) -> float:
     """How much coarser than float32 the model's float outputs are (float16: 8192, bfloat16: 65536, else 1): the
     passes' tolerances are for float32 and scale by this for a check (values are rounded to that precision)."""

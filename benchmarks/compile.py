@@ -22,8 +22,9 @@ only ever add time; taking turns, a burst of load hits every column alike):
 The anchor of each row is the fastest of eager channels-last, inductor, inductor + freezing and onnxruntime.
 Goals printed at the end (issue 18): ``lkfx`` >= 1.15x inductor + freezing and eager ``lkfx.transform`` at
 least as fast as eager channels-last on the RepLKNet-shaped network; ``lkfx`` never more than 5% slower than
-inductor + freezing on ResNet-50. ``--threads 1`` for the published run; ``--networks`` picks the networks. The
-full run writes benchmarks/results/compile.json; --quick writes only where --out says.
+inductor + freezing on ResNet-50. ``--threads 1`` for the published run; ``--networks`` picks the networks (the rows of
+the others, from the same machine, stay in the results file). The full run writes benchmarks/results/compile.json;
+--quick writes only where --out says.
 """
 
 from __future__ import annotations
@@ -177,6 +178,12 @@ def main() -> None:
                        f"  (lkfx {row['lkfx / inductor + freezing speedup']:.2f}x inductor + freezing, eager lkfx "
                        f"{row['eager lkfx / eager channels-last speedup']:.2f}x eager channels-last)")
     steps.close()
+    if out_path is not None and out_path.exists():  # --networks: the other networks' rows of the same machine stay
+        old = json.loads(out_path.read_text())
+        if (old.get("machine"), old.get("device"), old.get("quick")) == (result["machine"], dev.type, args.quick):
+            result["rows"][:0] = [r for r in old["rows"] if r["network"] not in networks]
+            result["lkfx"] = {**{k: v for k, v in old.get("lkfx", {}).items() if k.split(",")[0] not in networks},
+                              **result["lkfx"]}
     large = [r for r in result["rows"] if r["network"].startswith("RepLKNet")]
     resnet = [r for r in result["rows"] if r["network"] == "ResNet-50"]
 

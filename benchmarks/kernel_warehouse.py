@@ -17,6 +17,10 @@ columns measured interleaved in the same run (fastest of R repeats; the machine 
 - lkfx: `KWConv.forward` (at batch > 1: 1x1 convs as one bmm over the batch, dense and grouped convs one
   conv per sample; depthwise convs batch-folded; Linears one bmm).
 
+- assembly: the per-sample kernels alone (attention, ``alpha @ E``, layout), as lkfx computes them. Both the
+  anchor and lkfx pay it, and it cannot be beaten by how the convs run: ``(assembly + static) / grouped``
+  is the lowest lkfx / grouped ratio a conv path can reach (`bound_vs_grouped`).
+
 The outputs of lkfx and the anchor are compared at tau = 0 and 1 (max relative error; goal <= 1e-6).
 Goals: lkfx <= 0.75x the anchor at batch 8, not slower at batch 1. Writes benchmarks/results/kernel_warehouse.json
 (``--quick``: 64 x 64, one repeat, nothing written unless ``--out``).
@@ -108,7 +112,19 @@ def measure(name: str, size: int, batch: int, repeats: int) -> dict:
         with grouped(kw):
             return kw(v)
 
-    columns = {"static": static, "grouped": anchor, "lkfx": kw}
+    inputs = {}  # each KWConv's input, for the assembly alone
+    hooks = [m.register_forward_pre_hook(lambda m, a: inputs.__setitem__(m, a[0]))
+             for m in kw.modules() if isinstance(m, KWConv)]
+    with torch.no_grad():
+        kw(x)
+    for h in hooks:
+        h.remove()
+
+    def assembly(_: torch.Tensor) -> None:
+        for m, v in inputs.items():
+            m.kernels(v, workspace=True)
+
+    columns = {"static": static, "grouped": anchor, "lkfx": kw, "assembly": assembly}
     best = dict.fromkeys(columns, float("inf"))
     with torch.no_grad():
         outputs = {k: f(x) for k, f in columns.items()}  # warm-up
@@ -120,6 +136,7 @@ def measure(name: str, size: int, batch: int, repeats: int) -> dict:
         errors.append(rel_error(kw(x), anchor(x)))
     return {"model": name, "batch": batch, "static_s": best["static"], "grouped_s": best["grouped"],
             "lkfx_s": best["lkfx"], "lkfx_vs_grouped": best["lkfx"] / best["grouped"],
+            "assembly_s": best["assembly"], "bound_vs_grouped": (best["assembly"] + best["static"]) / best["grouped"],
             "max_rel_error_vs_grouped": max(errors)}
 
 
@@ -165,7 +182,8 @@ def main() -> None:
             latency.append(r)
             print(f"{name:<13} batch {batch}: static {r['static_s'] * 1e3:8.1f} ms  grouped conv "
                   f"{r['grouped_s'] * 1e3:8.1f} ms  lkfx {r['lkfx_s'] * 1e3:8.1f} ms  lkfx/grouped "
-                  f"{r['lkfx_vs_grouped']:.2f}  error {r['max_rel_error_vs_grouped']:.1e}", flush=True)
+                  f"{r['lkfx_vs_grouped']:.2f}  (assembly {r['assembly_s'] * 1e3:.1f} ms: bound "
+                  f"{r['bound_vs_grouped']:.2f})  error {r['max_rel_error_vs_grouped']:.1e}", flush=True)
     goals = {
         "parameters within 2 % of the paper": all(abs(c["vs_paper"]) < 0.02 for c in counts),
         "fewer parameters than static below 1x": all(c["params"] < c["static_params"] for c in counts

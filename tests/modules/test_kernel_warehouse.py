@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +207,38 @@ def test_fast_paths_equal_the_batch_grouped_forward(conv, batch, channels_last):
     assert y.shape == ref.shape and rel(ref, y) <= 1e-6
     if channels_last and kw._matmul_only and batch > 1 and conv.get("stride", 1) == 1:
         assert y.is_contiguous(memory_format=torch.channels_last)  # the 1x1 bmm keeps channels-last
+
+
+@pytest.mark.parametrize("conv", [
+    {"kernel_size": 1, "padding": 0},  # in cells of one: the product is already the kernel's layout
+    {"stride": 2},  # taps and cells permuted: a second buffer
+    {"in_channels": 32, "groups": 32},
+])
+def test_inference_kernels_in_reused_buffers_are_the_same(conv):
+    """Without autograd the kernels go to this thread's reused buffers: same values, whatever ran before, in
+    no_grad, inference_mode and another thread at the same time."""
+    _, kw = kw_pair(0.5, **conv)
+    kw.eval().tau.fill_(0.3)
+    x = torch.randn(3, kw.in_channels, 9, 9)
+    expected = kw(x).detach()
+    with torch.no_grad():
+        assert torch.equal(kw.kernels(x, workspace=True), kw.kernels(x))
+        kw(torch.randn(5, kw.in_channels, 12, 12))  # a larger batch grows the buffers in between
+        assert torch.equal(kw(x), expected)
+    with torch.inference_mode():
+        assert torch.equal(kw(x), expected)
+    results = []
+
+    def run() -> None:
+        with torch.no_grad():
+            results.extend(torch.equal(kw(x), expected) for _ in range(20))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [True] * 40
 
 
 @pytest.mark.parametrize("shape", [(3, 16), (3, 5, 7, 16)])

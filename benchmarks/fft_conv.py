@@ -4,9 +4,9 @@
 
 Grid: depthwise 'same' convs (C channels, HxH map, KxK kernel): RepLKNet-31B's four large-kernel layers
 (C128 56x56 K31, C256 28x28 K29, C512 14x14 K27, C1024 7x7 K13) and SLaK's K=51 layers (C64 56x56, C128 28x28)
-at batch 1 and 8, and at batch 8 the kernels 7-63 on 56/28/14/7 maps. Per row, the fastest of R rounds in which
-the columns take turns (a burst of load from other processes hits them alike; on a shared machine other
-processes only ever add time) of:
+at batch 1 and 8, and at batch 8 the kernels 7-63 on 56/28/14/7 maps. Per row, the fastest of R rounds (fast
+rows more, up to 60 within about a second) in which the columns take turns (a burst of load from other
+processes hits them alike; on a shared machine other processes only ever add time) of:
 
 - anchors: ``NCHW`` (``F.conv2d`` on an NCHW tensor), ``channels-last`` (the same conv on a channels-last tensor,
   what ``model.to(memory_format=torch.channels_last)`` runs), ``channels-last + conversion`` (NCHW in, converted
@@ -50,6 +50,8 @@ QUICK = [(1, 32, 28, 29, False), (2, 64, 14, 27, False), (2, 64, 7, 13, False), 
 ANCHORS = ("NCHW", "channels-last", "channels-last + conversion", "onnxruntime", "inductor")
 SLOW_S = 0.3
 WARM_BELOW_S = 0.05
+ROUND_BUDGET_S = 1.0  # a row's rounds beyond `rounds`: at most this long
+MAX_ROUNDS = 60
 
 
 def cl(x: torch.Tensor) -> torch.Tensor:
@@ -97,9 +99,10 @@ def inductor(conv: nn.Conv2d, x: torch.Tensor):
 
 
 def fastest(fns: dict, rounds: int) -> tuple[dict[str, float], dict[str, int]]:
-    """Fastest seconds of each function over `rounds` rounds in which they take turns; each timed call of a
-    function faster than WARM_BELOW_S follows an untimed one (warm caches, as in a network's steady state); an
-    NCHW conv slower than SLOW_S is timed once."""
+    """Fastest seconds of each function over at least `rounds` rounds in which they take turns (more, up to
+    MAX_ROUNDS, while a round takes under ROUND_BUDGET_S / rounds: sub-millisecond rows need many calls to find
+    their floor on a shared machine); each timed call of a function faster than WARM_BELOW_S follows an untimed one
+    (warm caches, as in a network's steady state); an NCHW conv slower than SLOW_S is timed once."""
     first = {}
     for name, fn in fns.items():  # warm-up: allocations, kernel selection, spectrum caches
         fn()
@@ -108,6 +111,8 @@ def fastest(fns: dict, rounds: int) -> tuple[dict[str, float], dict[str, int]]:
         first[name] = time.perf_counter() - start
     best = dict(first)
     calls = {name: 1 for name in fns}
+    per_round = sum(t for name, t in first.items() if not (name == "NCHW" and t > SLOW_S))
+    rounds = max(rounds, min(MAX_ROUNDS, int(ROUND_BUDGET_S / max(per_round, 1e-9))))
     for _ in range(rounds - 1):
         for name, fn in fns.items():
             if first[name] > SLOW_S and name == "NCHW":

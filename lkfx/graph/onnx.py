@@ -325,7 +325,8 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray
 def as_feeds(model: onnx.ModelProto, inputs: Any) -> dict[str, np.ndarray]:
     """`inputs` as ``{graph input name: array}``: a dict by name, or one array / tensor (or a sequence of them) for
     the graph inputs in order."""
-    names = [i.name for i in model.graph.input if i.name not in _initializer_inputs(model)]
+    initializers = _initializer_inputs(model)
+    names = [i.name for i in model.graph.input if i.name not in initializers]
     if not isinstance(inputs, dict):
         inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
         if len(inputs) != len(names):

@@ -8,19 +8,22 @@ converted with the pass's default options; each count against the paper's (goal:
 against the static model's (goal: fewer).
 
 Latency of KW(1x) ResNet18, ResNet50 and MobileNetV2 (eval mode, tau = 0, fp32, one thread,
-``torch.set_flush_denormal(True)``: random nets otherwise time denormal arithmetic), at batch 1 and 8, three
-columns measured interleaved in the same run (fastest of R repeats; the machine is shared):
+``torch.set_flush_denormal(True)``: random nets otherwise time denormal arithmetic), at batch 1 and 8, each
+column in both layouts (NCHW, and the model and input converted to channels-last, what
+``model.to(memory_format=torch.channels_last)`` gives a user), measured interleaved in the same run (fastest of R
+repeats; the machine is shared):
 
 - static: the original model;
 - grouped conv (anchor): the same KW model run the official code's way (per-sample kernels, then one conv
-  over the batch folded into the groups, Linear as conv1d), as `KWconvNd.forward` of OSVAI/KernelWarehouse;
+  over the batch folded into the groups, Linear as conv1d), as `KWconvNd.forward` of OSVAI/KernelWarehouse
+  (on a channels-last model its batch folding copies the map to NCHW);
 - lkfx: `KWConv.forward` (at batch > 1: 1x1 convs as one bmm over the batch, dense and grouped convs one
-  conv per sample; depthwise convs batch-folded; Linears one bmm).
-
+  conv per sample; depthwise convs batch-folded, or per sample on channels-last maps; Linears one bmm);
 - assembly: the per-sample kernels alone (attention, ``alpha @ E``, layout), as lkfx computes them. Both the
-  anchor and lkfx pay it, and it cannot be beaten by how the convs run: ``(assembly + static) / grouped``
-  is the lowest lkfx / grouped ratio a conv path can reach (`bound_vs_grouped`).
+  anchor and lkfx pay it, and it cannot be beaten by how the convs run: ``(assembly + faster static) /
+  anchor`` is the lowest ratio a conv path can reach (`bound_vs_grouped`).
 
+Ratio: the faster lkfx layout over the faster anchor layout.
 The outputs of lkfx and the anchor are compared at tau = 0 and 1 (max relative error; goal <= 1e-6).
 Goals: lkfx <= 0.75x the anchor at batch 8, not slower at batch 1. Writes benchmarks/results/kernel_warehouse.json
 (``--quick``: 64 x 64, one repeat, nothing written unless ``--out``).
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import platform
 import subprocess
@@ -107,10 +111,14 @@ def measure(name: str, size: int, batch: int, repeats: int) -> dict:
     kw = lkfx.transform(static, [("kernel_warehouse", {"budget": 1.0})],
                         example_inputs=(torch.randn(2, 3, size, size),)).eval()
     lkfx.set_temperature(kw, 0.0)  # the trained state; tau does not change the cost
+    xc = x.contiguous(memory_format=torch.channels_last)
+    static_cl, kw_cl = (copy.deepcopy(m).to(memory_format=torch.channels_last) for m in (static, kw))
 
-    def anchor(v: torch.Tensor) -> torch.Tensor:
-        with grouped(kw):
-            return kw(v)
+    def anchor(model: torch.nn.Module):
+        def run(v: torch.Tensor) -> torch.Tensor:
+            with grouped(model):
+                return model(v)
+        return run
 
     inputs = {}  # each KWConv's input, for the assembly alone
     hooks = [m.register_forward_pre_hook(lambda m, a: inputs.__setitem__(m, a[0]))
@@ -124,19 +132,26 @@ def measure(name: str, size: int, batch: int, repeats: int) -> dict:
         for m, v in inputs.items():
             m.kernels(v, workspace=True)
 
-    columns = {"static": static, "grouped": anchor, "lkfx": kw, "assembly": assembly}
+    columns = {"static": (static, x), "static channels-last": (static_cl, xc), "grouped": (anchor(kw), x),
+               "grouped channels-last": (anchor(kw_cl), xc), "lkfx": (kw, x), "lkfx channels-last": (kw_cl, xc),
+               "assembly": (assembly, x)}
     best = dict.fromkeys(columns, float("inf"))
     with torch.no_grad():
-        outputs = {k: f(x) for k, f in columns.items()}  # warm-up
+        outputs = {k: f(v) for k, (f, v) in columns.items()}  # warm-up
         for _ in range(repeats):
-            for k, f in columns.items():
-                best[k] = min(best[k], timed(f, x)[0])
-        errors = [rel_error(outputs["lkfx"], outputs["grouped"])]
+            for k, (f, v) in columns.items():
+                best[k] = min(best[k], timed(f, v)[0])
+        errors = [rel_error(outputs[k], outputs["grouped"]) for k in ("lkfx", "lkfx channels-last")]
         lkfx.set_temperature(kw, 1.0)  # random MobileNetV2's output at tau = 0 is ~0: compare at tau = 1 too
-        errors.append(rel_error(kw(x), anchor(x)))
-    return {"model": name, "batch": batch, "static_s": best["static"], "grouped_s": best["grouped"],
-            "lkfx_s": best["lkfx"], "lkfx_vs_grouped": best["lkfx"] / best["grouped"],
-            "assembly_s": best["assembly"], "bound_vs_grouped": (best["assembly"] + best["static"]) / best["grouped"],
+        lkfx.set_temperature(kw_cl, 1.0)
+        ref = anchor(kw)(x)
+        errors += [rel_error(kw(x), ref), rel_error(kw_cl(xc), ref)]
+    anchor_name = min(("grouped", "grouped channels-last"), key=best.get)
+    lkfx_name = min(("lkfx", "lkfx channels-last"), key=best.get)
+    static_s = min(best["static"], best["static channels-last"])
+    return {"model": name, "batch": batch, "seconds": best, "anchor": anchor_name, "lkfx": lkfx_name,
+            "lkfx_vs_grouped": best[lkfx_name] / best[anchor_name],
+            "bound_vs_grouped": (best["assembly"] + static_s) / best[anchor_name],
             "max_rel_error_vs_grouped": max(errors)}
 
 
@@ -180,10 +195,10 @@ def main() -> None:
         for batch in (1, 8):
             r = measure(name, size, batch, repeats)
             latency.append(r)
-            print(f"{name:<13} batch {batch}: static {r['static_s'] * 1e3:8.1f} ms  grouped conv "
-                  f"{r['grouped_s'] * 1e3:8.1f} ms  lkfx {r['lkfx_s'] * 1e3:8.1f} ms  lkfx/grouped "
-                  f"{r['lkfx_vs_grouped']:.2f}  (assembly {r['assembly_s'] * 1e3:.1f} ms: bound "
-                  f"{r['bound_vs_grouped']:.2f})  error {r['max_rel_error_vs_grouped']:.1e}", flush=True)
+            s = r["seconds"]
+            print(f"{name:<13} batch {batch}: " + "  ".join(f"{k} {v * 1e3:.1f} ms" for k, v in s.items()) +
+                  f"  | {r['lkfx']} / {r['anchor']} {r['lkfx_vs_grouped']:.2f} (bound {r['bound_vs_grouped']:.2f})"
+                  f"  error {r['max_rel_error_vs_grouped']:.1e}", flush=True)
     goals = {
         "parameters within 2 % of the paper": all(abs(c["vs_paper"]) < 0.02 for c in counts),
         "fewer parameters than static below 1x": all(c["params"] < c["static_params"] for c in counts

@@ -66,4 +66,11 @@ def test_times_carry_their_real_unit(report) -> None:
     row = {"network": "n", "batch": 1, "eager ms": 1462.9, "inductor ms": 87.0, "lkfx ms": 86.0, "anchor": "inductor",
            "lkfx / inductor speedup": 1.01}
     lines = report.compile_({"rows": [row], "size": 224, "repeats": 3, "device": "cpu"}).lines
-    assert "| 1463 ms |  |  | 87 ms |  | 86 ms |  | inductor |  |  |" in "\n".join(lines)
+    assert "| 1463 ms |  |  | 87 ms |  | 86 ms |  |  | inductor |  |  |  |" in "\n".join(lines)
+    kw_seconds = {**dict.fromkeys(report.KW_COLUMNS, 0.63), "assembly": 0.2}
+    kw = {"meta": {"size": 224, "threads": 1, "repeats": 5, "machine": "m", "note": "n"}, "params": [], "goals": {},
+          "latency": [{"model": "resnet18", "batch": 8, "seconds": kw_seconds, "anchor": "grouped",
+                       "lkfx": "lkfx channels-last", "lkfx_vs_grouped": 1.0, "bound_vs_grouped": 0.5,
+                       "max_rel_error_vs_grouped": 1e-7}]}
+    assert ("| resnet18 | 8 | 630 ms | 630 ms | 630 ms | 630 ms | 630 ms | 630 ms | 1.00x (lkfx channels-last / "
+            "grouped) | 200 ms | 0.50x |") in "\n".join(report.kernel_warehouse(kw).lines)

@@ -192,7 +192,7 @@ def test_batch_folded_conv_is_one_conv_per_sample(conv):
     {"kernel_size": 1, "padding": 0, "stride": 2},  # subsampled, one bmm
     {"stride": 2},  # one dense conv per sample
     {"groups": 4},  # one grouped conv per sample
-    {"in_channels": 32, "groups": 32},  # depthwise: batch folded into the groups
+    {"in_channels": 32, "groups": 32},  # depthwise: batch folded into the groups (channels-last: per sample)
 ])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -205,8 +205,8 @@ def test_fast_paths_equal_the_batch_grouped_forward(conv, batch, channels_last):
     with torch.no_grad():
         y, ref = kw(x), grouped_forward(kw, x)
     assert y.shape == ref.shape and rel(ref, y) <= 1e-6
-    if channels_last and kw._matmul_only and batch > 1 and conv.get("stride", 1) == 1:
-        assert y.is_contiguous(memory_format=torch.channels_last)  # the 1x1 bmm keeps channels-last
+    if channels_last and batch > 1 and (conv.get("groups") == 32 or kw._matmul_only and "stride" not in conv):
+        assert y.is_contiguous(memory_format=torch.channels_last)  # the 1x1 bmm and depthwise convs keep it
 
 
 @pytest.mark.parametrize("conv", [

@@ -164,13 +164,22 @@ def run_row(batch: int, c: int, h: int, k: int, with_inductor: bool, rounds: int
             "decision": decision(report), "decision channels-last": decision(report_cl)}
 
 
+def runs_anchor(r: dict) -> bool:
+    """Whether lkfx kept the conv as it is in the anchor's own layout (the same call, through a GraphModule)."""
+    choice = {"NCHW": r["decision"], "channels-last": r["decision channels-last"]}.get(r["anchor"], "")
+    return choice.split(" -> ")[-1].startswith(f"{r['anchor']} direct") and choice.endswith("kept as it is")
+
+
 def goals(rows: list[dict]) -> dict[str, dict]:
     out = {}
     worst = max(rows, key=lambda r: r["ratio"])
     misses = [r for r in rows if r["ratio"] > 1.05]
     detail = "; ".join(f"b{r['batch']} C{r['channels']} {r['map']}x{r['map']} K{r['kernel']}: {r['ratio']:.2f}x "
                        f"{r['anchor']} (bare FFT {r['seconds']['bare FFT'] * 1e3:.3g} ms, anchor "
-                       f"{r['seconds'][r['anchor']] * 1e3:.3g} ms)" for r in misses)
+                       f"{r['seconds'][r['anchor']] * 1e3:.3g} ms" +
+                       (", lkfx runs the anchor's own conv: GraphModule call + timing noise" if runs_anchor(r)
+                        else "") + ")"
+                       for r in misses)
     out["lkfx <= 1.05x the fastest anchor on every row"] = {
         "met": not misses, "value": f"worst {worst['ratio']:.2f}x" + (f"; misses: {detail}" if misses else "")}
     big = [r for r in rows if r["kernel"] == 51 or (r["batch"], r["map"], r["kernel"]) == (1, 56, 31)]

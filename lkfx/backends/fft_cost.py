@@ -24,6 +24,7 @@ channels-last (NHWC) layout::
                     + B Cout N (M/2+1) * cmul_s         (depthwise: one complex product per frequency)
                     | B Cout Cin N (M/2+1) * cmac_s     (dense: complex matrix product per frequency)
                     + (spectrum product, crop) bytes * byte_s
+                    [+ convert]     (channels-last neighbours: transforms through the strides cost about that)
 
 The transforms term follows `lkfx.modules.fft_conv.apply_spectrum`, which transforms the W axis of the H input
 rows and of the Ho output rows only. ``mac_s`` are tables per kernel size, because direct convs change algorithm
@@ -40,11 +41,12 @@ assumes inference: the kernel spectrum is cached, as `lkfx.modules.fft_conv.FFTC
 
 Accuracy, measured on a loaded 2-core x86 machine against PyTorch 2.14 (depthwise, batch 1 and 8, RepLKNet and
 SLaK shapes, maps 7-56, kernels 7-51): direct predictions 0.7-1.2x of the measured time (0.3x for channels-last
-convs on 7x7 maps, where fixed costs dominate), FFT predictions 0.6-1.0x (optimistic at batch 8: the
-transforms leave the caches). Hence FFT is chosen only when predicted ``FFT_MARGIN`` (1.25x) faster than the
-better direct layout. The FFT wins at batch 1 from 28x28 maps on and at batch 8 on 56x56 maps with 31x31
-kernels or more; channels-last wins from 14x14 down to 7x7 maps, where NCHW takes over again (at 13x13
-kernels, under oneDNN's cliff).
+convs on 7x7 maps, where fixed costs dominate), FFT predictions 0.6-1.0x (the calibration's transforms run in
+cache; `apply_spectrum` runs a depthwise conv's channels in cache-sized chunks so that large batches stay
+close to that, where unchunked they were up to 3x slower than predicted). Hence FFT is chosen only when
+predicted ``FFT_MARGIN`` (1.25x) faster than the better direct layout. The FFT wins at batch 1 from 28x28 maps
+on and at batch 8 on 56x56 maps with 31x31 kernels or more; channels-last wins from 14x14 down to 7x7 maps,
+where NCHW takes over again (at 13x13 kernels, under oneDNN's cliff).
 
 Policy: kernels below ``MIN_FFT_KERNEL`` on both sides never take the FFT path (direct and Winograd convs are
 tuned for them, and the FFT would add rounding error for nothing).
@@ -267,7 +269,8 @@ class CostModel:
         else:
             mix = c.batch * c.out_channels * freqs * self.cmul_s
         moved = 8 * c.batch * (c.in_channels + c.out_channels) * freqs + 8 * c.batch * c.out_channels * ho * wo
-        return self.t0["fft"] + 4 * self.t0["op"] + transforms + mix + moved * self.byte_s
+        strided = 2 * self.t0["op"] + self._bytes(c) * self.convert_s if c.channels_last else 0.0
+        return self.t0["fft"] + 4 * self.t0["op"] + transforms + mix + moved * self.byte_s + strided
 
     def _fft(self, n: int) -> float:
         return _interp_log(self.fft_s, n)

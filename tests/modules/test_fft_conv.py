@@ -185,3 +185,26 @@ def test_channels_last_in_channels_last_out(grad, bias):
         with torch.set_grad_enabled(grad):
             out = m(inp)
         assert out.is_contiguous(memory_format=layout) and rel_err(out, ref) <= TOL
+
+
+@pytest.mark.parametrize("multiplier", [1, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_depthwise_channel_chunks_equal_one_pass(monkeypatch, multiplier, channels_last, dtype):
+    """Without autograd a depthwise conv runs its channels in chunks (~CHUNK_BYTES of spectrum each): with chunks
+    of 2 channels over 7 (a short last chunk), a channel multiplier, a bias in each chunk's spectrum and either
+    layout, the output equals the direct conv in the input's layout and dtype."""
+    import lkfx.modules.fft_conv as fft_conv
+
+    w, b = make(7, 7 * multiplier, (9, 9), 7, True)
+    x = torch.randn(3, 7, 10, 10, generator=torch.Generator().manual_seed(2))
+    ref = F.conv2d(x, w, b, padding="same", groups=7)
+    plan = fft_plan((10, 10), (9, 9), conv_pads("same", (9, 9)))
+    monkeypatch.setattr(fft_conv, "CHUNK_BYTES", 2 * 3 * plan.size[0] * (plan.size[1] // 2 + 1) * 8)
+    inp = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    m = FFTConv2d(w.to(dtype), b.to(dtype), "same", 7)
+    with torch.no_grad():
+        out = m(inp.to(dtype))
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert out.dtype == dtype and out.is_contiguous(memory_format=layout)
+    assert rel_err(out, ref) <= (TOL if dtype == torch.float32 else 2e-3)

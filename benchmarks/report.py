@@ -94,8 +94,8 @@ def fold_bn_onnx(data: dict) -> Section:
                     f"of {data['repeats']}."])
 
 
-FFT_COLUMNS = ("NCHW", "channels-last", "channels-last + conversion", "onnxruntime", "inductor", "bare FFT", "lkfx",
-               "lkfx channels-last")
+FFT_COLUMNS = ("NCHW", "channels-last", "channels-last + conversion", "onnxruntime", "inductor", "bare FFT",
+               "FFT (lkfx's)", "lkfx", "lkfx channels-last")
 
 
 def fft_conv(data: dict) -> Section:

@@ -22,9 +22,9 @@ only and the inverse along W on the Ho output rows only, the product is written 
 zero frequency, and the only copy is the crop into the output (channels-last when the input is: such inputs are
 transformed in place of their strides, never made contiguous first). A depthwise conv's channels go through these
 steps in chunks of about `CHUNK_BYTES` of spectrum, so that each chunk stays in cache. Measured on one thread of a
-loaded 2-core x86 (batch 8, RepLKNet / SLaK depthwise shapes): 0.55-0.9x the time of a bare
-``irfft2(rfft2(x, s) * spectrum, s)`` on the same grid for NCHW inputs, 0.6-1.25x for channels-last ones (strided
-transforms).
+loaded 2-core x86 (batch 8, RepLKNet / SLaK depthwise shapes): 0.3-0.9x the time of a bare
+``irfft2(rfft2(x, s) * spectrum, s)`` on the same grid for NCHW inputs (the bare sequence leaves the caches),
+channels-last ones 1.0-1.5x their NCHW time (strided transforms).
 
 Spectrum cache: the kernel spectrum depends only on the weight and the input size. It is kept and reused
 whenever no gradient has to flow into the weight (``torch.no_grad()`` / ``inference_mode()``, or a frozen

@@ -149,17 +149,17 @@ def apply_spectrum(x: torch.Tensor, spec: torch.Tensor, bias: torch.Tensor | Non
     (a constant on the whole grid; with autograd recording it is added to the output instead, since the spectrum
     is not written in place then), so the only pass over the output is the crop into the result's layout.
 
-    Without autograd, a depthwise conv runs its channels in chunks whose spectrum (batch x chunk x N x M/2+1
-    complex) is about `CHUNK_BYTES`: each chunk's five steps then stay in cache instead of streaming a spectrum
-    of tens of MB through memory five times (batch 8, 128 channels, 56x56, one thread: K31 1.3x, K63 2.9x
-    faster than unchunked)."""
+    On CPU without autograd, a depthwise conv runs its channels in chunks whose spectrum (batch x chunk x N x
+    M/2+1 complex) is about `CHUNK_BYTES`: each chunk's five steps then stay in cache instead of streaming a
+    spectrum of tens of MB through memory five times (batch 8, 128 channels, 56x56, one thread: K31 1.3x, K63
+    2.9x faster than unchunked). GPUs get one pass: there chunks would only add kernel launches."""
     dtype = spec.real.dtype
     n, m = plan.size
     ho, wo = plan.out
     inplace = not torch.is_grad_enabled()
     channels = x.shape[1]
     chunk = max(1, CHUNK_BYTES // (x.shape[0] * n * (m // 2 + 1) * 2 * dtype.itemsize))
-    if inplace and groups == channels > chunk:
+    if inplace and groups == channels > chunk and x.device.type == "cpu":
         layout = torch.channels_last if _channels_last(x) else torch.contiguous_format
         y = torch.empty((x.shape[0], spec.shape[0] * spec.shape[1], ho, wo), dtype=x.dtype, device=x.device,
                         memory_format=layout)

@@ -71,7 +71,7 @@ FFT_MARGIN = 1.25
 TORCH_RADICES = (2, 3, 5)
 ONNX_RADICES = (2,)
 CACHE_FILE = "fft_cost.json"
-_FORMAT = 3
+_FORMAT = 4
 
 Pads = tuple[tuple[int, int], ...]
 
@@ -311,10 +311,12 @@ def calibrate(device: str = "cpu", rounds: int = 3, target_s: float = 3e-4, budg
     size, an FFT round trip per length, a complex product, a 4 MB copy, a 4 MB NCHW -> channels-last
     conversion) is grown by its batch until one call takes about `target_s`, then timed at that batch and at
     twice it: the rate is the slope (seconds per unit of work), the intercept the fixed cost of one call (about
-    50 us for a oneDNN conv), of which each kind keeps the median. Small workloads predict large ones (measured:
-    a 512-plane 64x64 FFT runs at the per-point speed of a 16-plane one). All workloads are timed once per round
-    and each keeps its fastest call over the rounds: a burst of load from other processes spoils one round, not
-    one workload. On a loaded machine the rounds after the first stop once `budget_s` has passed.
+    50 us for a oneDNN conv), of which each kind (conv, FFT) keeps the median. The fixed cost of any other op is
+    the fastest call of a tiny one (the intercepts of the copy, conversion and product workloads carry their
+    allocations' page faults: 70-130 us measured, against ~2 us for the call itself). Small workloads predict
+    large ones (measured: a 512-plane 64x64 FFT runs at the per-point speed of a 16-plane one). All workloads are
+    timed once per round and each keeps its fastest call over the rounds: a burst of load from other processes
+    spoils one round, not one workload. On a loaded machine the rounds after the first stop once `budget_s` has passed.
     """
     import torch
     import torch.nn.functional as F
@@ -376,10 +378,11 @@ def calibrate(device: str = "cpu", rounds: int = 3, target_s: float = 3e-4, budg
         workloads[("dense_mac_s", k)] = (conv(randn(1, 16, 16, 16), randn(16, 16, k, k), 1), "conv")
     for n in FFT_SIDES:
         workloads[("fft_s", n)] = (fft(n), "fft")
-    workloads[("cmul_s", 0)] = (cmul, "op")
-    workloads[("cmac_s", 0)] = (cmac, "op")
-    workloads[("byte_s", 0)] = (copy, "op")
-    workloads[("convert_s", 0)] = (convert, "op")
+    workloads[("cmul_s", 0)] = (cmul, None)
+    workloads[("cmac_s", 0)] = (cmac, None)
+    workloads[("byte_s", 0)] = (copy, None)
+    workloads[("convert_s", 0)] = (convert, None)
+    tiny = randn(16, dtype=torch.complex64)
 
     started = time.perf_counter()
     with torch.inference_mode():
@@ -393,23 +396,27 @@ def calibrate(device: str = "cpu", rounds: int = 3, target_s: float = 3e-4, budg
                 once(fn)  # warm-up at this size (oneDNN builds a kernel per shape)
                 runs[(key, size)] = (fn, work)
         fastest = dict.fromkeys(runs, math.inf)
+        op_t0 = math.inf
         for i in range(rounds):
             if i and time.perf_counter() - started > budget_s:
                 break
             for run, (fn, _) in runs.items():
                 fastest[run] = min(fastest[run], once(fn))
+            op_t0 = min(op_t0, *(once(lambda: tiny * tiny) for _ in range(20)))
     out: dict[str, Any] = {name: {} for name in _TABLES}
-    fixed: dict[str, list[float]] = {"conv": [], "fft": [], "op": []}
+    fixed: dict[str, list[float]] = {"conv": [], "fft": []}
     for (name, k), (_, kind) in workloads.items():
         (t1, (_, w1)), (t2, (_, w2)) = ((fastest[((name, k), i)], runs[((name, k), i)]) for i in (0, 1))
         rate = min(max((t2 - t1) / (w2 - w1), 0.5 * t2 / w2), t2 / w2)  # slope, within noise bounds
-        fixed[kind].append(max(t1 - w1 * rate, 0.0))
+        if kind is not None:
+            fixed[kind].append(max(t1 - w1 * rate, 0.0))
         if name in out:
             out[name][k] = rate
         else:
             out[name] = rate
     for kind, values in fixed.items():
         out[f"{kind}_t0_s"] = statistics.median(values)
+    out["op_t0_s"] = op_t0
     return out
 
 

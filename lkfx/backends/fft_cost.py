@@ -41,7 +41,7 @@ assumes inference: the kernel spectrum is cached, as `lkfx.modules.fft_conv.FFTC
 
 Accuracy, measured on a loaded 2-core x86 machine against PyTorch 2.14 (depthwise, batch 1 and 8, RepLKNet and
 SLaK shapes, maps 7-56, kernels 7-51): direct predictions 0.7-1.2x of the measured time (0.3x for channels-last
-convs on 7x7 maps, where fixed costs dominate), FFT predictions 0.6-1.0x (the calibration's transforms run in
+convs on 7x7 maps, where fixed costs dominate), FFT predictions 0.7-1.15x (the calibration's transforms run in
 cache; `apply_spectrum` runs a depthwise conv's channels in cache-sized chunks so that large batches stay
 close to that, where unchunked they were up to 3x slower than predicted). Hence FFT is chosen only when
 predicted ``FFT_MARGIN`` (1.25x) faster than the better direct layout. The FFT wins at batch 1 from 28x28 maps

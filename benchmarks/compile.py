@@ -190,8 +190,7 @@ def main() -> None:
             row["eager lkfx / eager channels-last speedup"] = row["eager channels-last ms"] / row[
                 "eager lkfx.transform ms"]
             if f"{BOUND} ms" in row:
-                row["bound: inductor + freezing / large convs removed"] = row["inductor + freezing ms"] / row[
-                    f"{BOUND} ms"]
+                row[BOUND_KEY] = row["inductor + freezing ms"] / row[f"{BOUND} ms"]
             result["rows"].append(row)
             tqdm.write(f"{net_name:>22} batch {b}: " + ", ".join(f"{n} {row[f'{n} ms']:.1f} ms" for n in columns) +
                        f"  (lkfx {row['lkfx / inductor + freezing speedup']:.2f}x inductor + freezing, eager lkfx "

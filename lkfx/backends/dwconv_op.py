@@ -33,15 +33,12 @@ import torch
 import torch.nn.functional as F
 
 from lkfx.backends.dwconv_plugin import PLUGIN_DOMAIN, PLUGIN_NAME, output_size, plugin_node_attrs
+from lkfx.graph.layout import memory_format_of
 
 
 def _pad(x: torch.Tensor, padding: Sequence[int]) -> torch.Tensor:
     pt, pl, pb, pr = padding
     return F.pad(x, (pl, pr, pt, pb)) if any(padding) else x
-
-
-def _channels_last(x: torch.Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 _SPECTRA: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}  # spectra of weights no gradient reaches, newest last
@@ -73,7 +70,7 @@ def _cpu_forward(x, weight, bias, stride, padding):
 
     pt, pl, pb, pr = padding
     kernel = tuple(weight.shape[2:])
-    layout = torch.channels_last if _channels_last(x) else torch.contiguous_format
+    layout = memory_format_of(x)
     choice = "channels_last" if layout == torch.channels_last else "nchw"
     if x.is_floating_point() and max(kernel) > 1 and all(p <= k - 1 for p, k in zip(padding, kernel * 2, strict=True)):
         shape = ConvShape(x.shape[0], x.shape[1], x.shape[1], x.shape[1], tuple(x.shape[2:]), kernel,
@@ -127,8 +124,7 @@ def dwconv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s
 def _(x, weight, bias, stride, padding):
     _check(x, weight, bias, stride, padding)
     oh, ow = output_size(x.shape[2:], weight.shape[2:], stride, padding)
-    layout = torch.channels_last if _channels_last(x) else torch.contiguous_format
-    return x.new_empty((x.shape[0], x.shape[1], oh, ow)).contiguous(memory_format=layout)
+    return x.new_empty((x.shape[0], x.shape[1], oh, ow)).contiguous(memory_format=memory_format_of(x))
 
 
 @torch.library.custom_op("lkfx::dwconv2d_grad_input", mutates_args=())

@@ -252,7 +252,7 @@ class CostModel:
             taps = ho * wo * kh * kw
         macs = c.batch * c.out_channels * (c.in_channels // c.groups) * taps
         moved = self._bytes(c)
-        convert = 0.0 if channels_last == c.channels_last else 2 * self.t0["op"] + moved * self.convert_s
+        convert = 0.0 if channels_last == c.channels_last else self._convert(c)
         return self.t0["conv"] + max(macs * _lookup(self.mac_s[table], max(kh, kw)), moved * self.byte_s) + convert
 
     def fft_seconds(self, c: ConvShape) -> float:
@@ -269,8 +269,12 @@ class CostModel:
         else:
             mix = c.batch * c.out_channels * freqs * self.cmul_s
         moved = 8 * c.batch * (c.in_channels + c.out_channels) * freqs + 8 * c.batch * c.out_channels * ho * wo
-        strided = 2 * self.t0["op"] + self._bytes(c) * self.convert_s if c.channels_last else 0.0
+        strided = self._convert(c) if c.channels_last else 0.0  # transforms through channels-last strides
         return self.t0["fft"] + 4 * self.t0["op"] + transforms + mix + moved * self.byte_s + strided
+
+    def _convert(self, c: ConvShape) -> float:
+        """Converting the input and the output between NCHW and channels-last."""
+        return 2 * self.t0["op"] + self._bytes(c) * self.convert_s
 
     def _fft(self, n: int) -> float:
         return _interp_log(self.fft_s, n)

@@ -9,7 +9,7 @@ Converting never changes a value, only strides, so any region is exact; which re
 
 `region_of` grows a region from a node through neighbours that are layout-agnostic 4-D ops (it needs shapes:
 ``tensor_meta`` from `lkfx.graph.fx.propagate_shapes`); `edges` lists the tensors entering and leaving it;
-`convert` inserts the conversions.
+`convert` inserts the conversions. `memory_format_of` tells a tensor's layout at run time.
 """
 
 from __future__ import annotations
@@ -114,3 +114,10 @@ def convert(gm: fx.GraphModule, region: set[fx.Node], channels_last: bool = True
 
 def _format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """``torch.channels_last`` for a 4-D tensor laid out channels-last and not also contiguous (1x1 maps and single
+    channels are both), else ``torch.contiguous_format``."""
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return _format(channels_last)

@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 
 from lkfx.backends.fft_cost import FFTPlan, fft_plan
+from lkfx.graph.layout import memory_format_of
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
@@ -153,29 +154,25 @@ def apply_spectrum(x: torch.Tensor, spec: torch.Tensor, bias: torch.Tensor | Non
     M/2+1 complex) is about `CHUNK_BYTES`: each chunk's five steps then stay in cache instead of streaming a
     spectrum of tens of MB through memory five times (batch 8, 128 channels, 56x56, one thread: K31 1.3x, K63
     2.9x faster than unchunked). GPUs get one pass: there chunks would only add kernel launches."""
-    dtype = spec.real.dtype
     n, m = plan.size
-    ho, wo = plan.out
-    inplace = not torch.is_grad_enabled()
-    channels = x.shape[1]
-    chunk = max(1, CHUNK_BYTES // (x.shape[0] * n * (m // 2 + 1) * 2 * dtype.itemsize))
-    if inplace and groups == channels > chunk and x.device.type == "cpu":
-        layout = torch.channels_last if _channels_last(x) else torch.contiguous_format
-        y = torch.empty((x.shape[0], spec.shape[0] * spec.shape[1], ho, wo), dtype=x.dtype, device=x.device,
-                        memory_format=layout)
-        per = spec.shape[1]  # output channels per input channel
-        for c in range(0, channels, chunk):
-            part = slice(c, min(c + chunk, channels))
-            outs = slice(part.start * per, part.stop * per)
-            _transform(x[:, part], spec[part], None if bias is None else bias[outs], plan, True, y[:, outs])
-        return y
-    return _transform(x, spec, bias, plan, groups != 1)
+    channels, depthwise = x.shape[1], groups != 1
+    per = spec.shape[1] if depthwise else 1  # output channels per input channel of a depthwise conv
+    y = torch.empty((x.shape[0], spec.shape[0] * per, *plan.out), dtype=x.dtype, device=x.device,
+                    memory_format=memory_format_of(x))
+    chunk = max(1, CHUNK_BYTES // (x.shape[0] * n * (m // 2 + 1) * 2 * spec.real.dtype.itemsize))
+    if torch.is_grad_enabled() or not depthwise or channels <= chunk or x.device.type != "cpu":
+        return _transform(x, spec, bias, plan, depthwise, y)
+    for c in range(0, channels, chunk):
+        part = slice(c, min(c + chunk, channels))
+        outs = slice(part.start * per, part.stop * per)
+        _transform(x[:, part], spec[part], None if bias is None else bias[outs], plan, True, y[:, outs])
+    return y
 
 
 def _transform(x: torch.Tensor, spec: torch.Tensor, bias: torch.Tensor | None, plan: FFTPlan,
-               depthwise: bool, out: torch.Tensor | None = None) -> torch.Tensor:
-    """`apply_spectrum` on all of `x` at once, the result cropped into `out` (default: a new tensor in the layout
-    of `x`); `spec` laid out as `kernel_spectrum` does for `depthwise`."""
+               depthwise: bool, out: torch.Tensor) -> torch.Tensor:
+    """`apply_spectrum` on all of `x` at once, the result cropped into `out`; `spec` laid out as `kernel_spectrum`
+    does for `depthwise`."""
     dtype = spec.real.dtype
     n, m = plan.size
     ho, wo = plan.out
@@ -193,15 +190,7 @@ def _transform(x: torch.Tensor, spec: torch.Tensor, bias: torch.Tensor | None, p
     y = torch.fft.irfft(torch.fft.ifft(yf, dim=2)[:, :, :ho], n=m, dim=3)[..., :wo]
     if bias is not None and not bias_in_spectrum:
         y = y + bias.to(dtype).view(1, -1, 1, 1)
-    if out is None:
-        layout = torch.channels_last if _channels_last(x) else torch.contiguous_format
-        out = torch.empty(y.shape, dtype=x.dtype, device=x.device, memory_format=layout)
     return out.copy_(y)
-
-
-def _channels_last(x: torch.Tensor) -> bool:
-    """Whether `x` is laid out channels-last (and not also contiguous, as 1x1 maps or one channel are)."""
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def fft_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -60,6 +60,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lkfx.errors import LkfxError
+from lkfx.graph.layout import memory_format_of
 
 __all__ = ["KWConv", "TemperatureSchedule", "Warehouse", "WarehouseLayout", "attention_parameters",
            "convert_convs", "layout", "set_temperature"]
@@ -204,13 +205,6 @@ def _inference() -> bool:
                 or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export())
 
 
-def _channels_last(x: torch.Tensor) -> bool:
-    """A 4-d map laid out channels-last (and not also contiguous, as 1x1 maps or one channel are): folding its
-    batch into the channels would copy it to NCHW, and oneDNN's channels-last depthwise conv is 1.5-5x faster
-    per sample than its NCHW one on large maps (MobileNetV2's 112 x 112 and 56 x 56 layers)."""
-    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-
-
 def _workspace(slot: int, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
     """A buffer of `shape` from this thread's reusable slot `slot`, grown as needed. Kernels of a batch are
     ``B`` times a layer's weights (ResNet-50, batch 8: up to 75 MB a layer); freshly allocated, every page of them
@@ -332,7 +326,10 @@ class KWConv(nn.Module):
         if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
             return self._per_sample_conv(x, w, pad)
         b, conv = x.shape[0], _CONV[len(self.kernel_size)]
-        if b > 1 and (self.in_channels > self.groups or _channels_last(x)):  # one conv per sample
+        # one conv per sample: dense / grouped convs, and depthwise ones on channels-last maps (folding the batch
+        # would copy the map to NCHW; oneDNN's channels-last depthwise conv is 1.5-5x faster than its NCHW one on
+        # MobileNetV2's 112 x 112 and 56 x 56 layers)
+        if b > 1 and (self.in_channels > self.groups or memory_format_of(x) == torch.channels_last):
             return torch.cat([conv(x[i:i + 1], w[i], None, self.stride, pad, self.dilation, self.groups)
                               for i in range(b)])
         y = conv(x.reshape(1, -1, *x.shape[2:]), w.reshape(-1, *w.shape[2:]), None, self.stride, pad,

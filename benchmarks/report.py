@@ -168,7 +168,8 @@ def reparam(data: dict) -> Section:
                    lines, draw, [note])
 
 
-KW_COLUMNS = ("static", "static channels-last", "grouped", "grouped channels-last", "lkfx", "lkfx channels-last")
+KW_COLUMNS = ("static", "static channels-last", "static + fold_bn", "static + fold_bn channels-last", "grouped",
+              "grouped channels-last", "lkfx convs", "lkfx convs channels-last", "lkfx", "lkfx channels-last")
 
 
 def kernel_warehouse(data: dict) -> Section:
@@ -179,11 +180,15 @@ def kernel_warehouse(data: dict) -> Section:
     def row(r: dict) -> list[str]:
         s = r["seconds"]
         return [r["model"], str(r["batch"]), *(_ms(s[k]) for k in KW_COLUMNS),
-                f"{r['lkfx_vs_grouped']:.2f}x ({r['lkfx']} / {r['anchor']})", _ms(s["assembly"]),
-                f"{r['bound_vs_grouped']:.2f}x", f"{r['max_rel_error_vs_grouped']:.1e}"]
+                f"{r['lkfx_vs_grouped']:.2f}x ({r['lkfx']} / {r['anchor']})", f"{r['convs_vs_grouped']:.2f}x",
+                _ms(s["assembly"]),
+                f"{r['bound_vs_grouped']:.2f}x", f"{r['max_rel_error_vs_grouped']:.1e}",
+                f"{r['fold_bn_rel_error_vs_grouped']:.1e}"]
 
     lines += ["", *_md_table(["model (KW 1x)", "batch", *KW_COLUMNS, "lkfx / anchor (faster layouts)",
-                              "kernel assembly", "bound: (assembly + static) / anchor", "max rel. error"],
+                              "lkfx convs / anchor", "kernel assembly",
+                              "bound: (assembly + static + fold_bn) / anchor", "max rel. error (convs)",
+                              "(with fold_bn)"],
                              [row(r) for r in latency]), ""]
     lines += [f"- {'met' if met else 'NOT met'}: {text}" for text, met in data["goals"].items()]
     models = list(dict.fromkeys(c["model"] for c in counts))

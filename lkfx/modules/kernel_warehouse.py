@@ -38,7 +38,9 @@ the sample's kernel. A Linear (``kernel_size == ()``, input ``(B, ..., in)``, ch
 over the batch: the official KWLinear's 1x1 conv1d. All paths compute the official batch-folded grouped conv
 up to float rounding (tests: <= 1e-6 relative). ONNX Conv's ``group`` is a constant, so while exporting
 (`torch.onnx.export`, `torch.export`) a kxk conv is computed independently of the batch size: the padded
-input is sliced per kernel tap (im2col) and multiplied with the kernels (MatMul).
+input is sliced per kernel tap (im2col) and multiplied with the kernels (MatMul). The bias, and an inference
+BatchNorm after the conv folded into it (`KWConv.fold_affine`, by the `fold_bn` pass: ``y <- s y + (s b + t)``),
+are applied to the conv's own fresh output, in place without autograd.
 
 `tau` is a buffer, saved in the state_dict (the official code keeps it in a plain attribute). The warehouse is
 a submodule of the first conv that uses it (state_dict key ``<conv>.warehouse.cells``) and the others hold a
@@ -197,12 +199,15 @@ def _ntuple(value: Any, n: int) -> tuple[int, ...]:
 _BUFFERS = threading.local()
 
 
+def _tracing() -> bool:
+    """Compiling or exporting: the graph is traced, and allocates its own tensors."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+
+
 def _inference() -> bool:
     """Eager inference outside inference_mode: the per-sample kernels are not kept for backward and may go to a
-    reused buffer (inference tensors could not be written later outside inference_mode; compiled and exported
-    graphs allocate their own)."""
-    return not (torch.is_grad_enabled() or torch.is_inference_mode_enabled() or torch.compiler.is_compiling()
-                or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export())
+    reused buffer (inference tensors could not be written later outside inference_mode)."""
+    return not (torch.is_grad_enabled() or torch.is_inference_mode_enabled() or _tracing())
 
 
 def _workspace(slot: int, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
@@ -257,6 +262,7 @@ class KWConv(nn.Module):
             if fc is not None:
                 nn.init.kaiming_normal_(fc.weight, mode="fan_out", nonlinearity="relu")
         self.bias = nn.Parameter(torch.zeros(self.out_channels)) if bias else None
+        self.register_buffer("scale", None)  # per output channel, from `fold_affine`
         self.register_buffer("beta", warehouse.beta(index), persistent=False)
         self.register_buffer("tau", torch.ones(()))
 
@@ -298,10 +304,33 @@ class KWConv(nn.Module):
             y = self._batched_matmul(x, w)
         else:
             y = self._conv(x, w)
-        if self.bias is not None:
-            y = y + (self.bias if not self.kernel_size else
-                     self.bias.reshape(1, -1, *(1,) * len(self.kernel_size)))
-        return y
+        if self.bias is None:
+            return y
+        # y is this call's own fresh tensor: without autograd the epilogue writes it in place (a new tensor of
+        # a large map costs page faults: MobileNetV2's 8 x 96 x 112 x 112 is 3x slower to allocate than to scale)
+        out = y if not (y.requires_grad or _tracing()) else None
+        bias = self._per_channel(self.bias)
+        if self.scale is None:
+            return torch.add(y, bias, out=out)
+        return torch.addcmul(bias, y, self._per_channel(self.scale), out=out)
+
+    def _per_channel(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1, *(1,) * len(self.kernel_size))
+
+    @torch.no_grad()
+    def fold_affine(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        """Follow this conv by ``y <- scale * y + shift`` per output channel (an inference BatchNorm: the
+        `fold_bn` pass). The cells are shared with other layers, so the scale cannot enter them, and the
+        per-sample kernels are B times the layer's weights (more than the output on small maps): the output is
+        scaled, with the bias, ``y <- s y + (s b + t)``, in place at inference. Computed in `scale`'s dtype
+        (float64 from `fold_bn`), stored in the cells'."""
+        dtype = self._warehouse[0].cells.dtype
+        s = scale.reshape(-1)
+        old_scale = torch.ones_like(s) if self.scale is None else self.scale.to(s)
+        bias = torch.zeros_like(s) if self.bias is None else self.bias.to(s)
+        self.scale = (old_scale * s).to(dtype)
+        self.bias = nn.Parameter((bias * s + shift.reshape(-1).to(s)).to(dtype),
+                                 requires_grad=self.bias is None or self.bias.requires_grad)
 
     def _batched_matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """A Linear over the last dim, or a 1x1 conv (stride by subsampling), as one ``bmm`` over the batch:
@@ -365,7 +394,8 @@ class KWConv(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-                f"groups={self.groups}, m={self.m}, n={self.n}, bias={self.bias is not None}")
+                f"groups={self.groups}, m={self.m}, n={self.n}, bias={self.bias is not None}"
+                + (", scale=True" if self.scale is not None else ""))
 
 
 def convert_convs(convs: Sequence[Any], budget: float = 1.0,

@@ -12,7 +12,13 @@ copies of ``s x + t``)::
 
     x -> BN -> Conv(W, b) -> y        becomes        x -> Conv(W diag(s), b + W t) -> y
 
-With zero padding the border taps would see 0 instead of ``t``: refused with that reason. A BN read by several
+With zero padding the border taps would see 0 instead of ``t``: refused with that reason.
+
+After a KernelWarehouse conv (`lkfx.modules.kernel_warehouse.KWConv`, whose kernels are assembled per sample
+from cells shared with other layers) the BN becomes the conv's output affine map (`KWConv.fold_affine`)::
+
+    x -> KWConv(b) -> BN -> y         becomes        x -> s KWConv(0) + (s b + t) -> y   (in place at inference)
+ A BN read by several
 convs folds into each of them when this is exact for every one (MobileNetV4's attention norm feeding q, k, v).
 
 Refused (each with its reason in the report): BN in training mode (torch ``.training``, ONNX
@@ -45,6 +51,11 @@ class FoldBN(Pass):
     name = "fold_bn"
     summary = "Fold inference BatchNorm into the conv / linear before it (or after it, when exact)."
     options = {"before": True}
+
+    def fx_leaf_modules(self, model: Any) -> tuple[type, ...]:
+        from lkfx.modules.kernel_warehouse import KWConv
+
+        return (KWConv,)
 
     def fx_subjects(self) -> tuple[type, ...]:
         import torch.nn as nn
@@ -115,6 +126,26 @@ class FoldBN(Pass):
             bn.out.replace_all_uses_with(conv.node)
             _erase(gm, bn)
             return _shared_note(shared)
+
+        def kw_check(m) -> str | None:
+            kw, bn = view.gm.get_submodule(m["conv"].target), view.bn(m["bn"])
+            if reason := view.bn_refusal(bn):
+                return reason
+            if (calls := view.module_calls(m["conv"])) > 1:
+                return f"the KWConv module is called {calls} times: folding would change every call"
+            if others := view.users_besides(m["conv"], bn.node):
+                return f"the conv output is also used by {', '.join(others)}"
+            if not kw.kernel_size and (reason := linear_rank(m["conv"])):
+                return reason
+            if bn.mean.numel() != kw.out_channels:
+                return f"BatchNorm has {bn.mean.numel()} channels, the conv produces {kw.out_channels}"
+            return None
+
+        def kw_rewrite(m) -> None:
+            bn = view.bn(m["bn"])
+            view.gm.get_submodule(m["conv"].target).fold_affine(*bn_affine(bn))
+            bn.out.replace_all_uses_with(m["conv"])
+            _erase(gm, bn)
 
         def readers(bn) -> list:
             return [u for u in bn.out.users if not is_metadata_read(u)]
@@ -198,7 +229,9 @@ class FoldBN(Pass):
 
         producers = ("conv", "conv_transpose", "linear", "conv_like")
         rules = [Rule("conv->bn", Pattern("batch_norm", [Pattern(producers, bind="conv")], bind="bn"),
-                      refusing(after_check), after_rewrite, where, subject)]
+                      refusing(after_check), after_rewrite, where, subject),
+                 Rule("kw_conv->bn", Pattern("batch_norm", [Pattern("kw_conv", bind="conv")], bind="bn"),
+                      refusing(kw_check), kw_rewrite, where, subject)]
         if self.config["before"]:
             rules.append(Rule("bn->conv", Pattern(("conv", "linear", "conv_like"), [Pattern("batch_norm", bind="bn")],
                                                   bind="conv"), refusing(before_check), before_rewrite, where, subject))

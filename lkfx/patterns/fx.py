@@ -5,7 +5,8 @@ The same conv can appear three ways in an FX graph: ``call_module`` of an ``nn.C
 ``aten.convolution.default`` (graphs from ``make_fx`` / the torch.compile backend). `FxView.kind` gives all of
 them the same kind (``conv``, ``conv_transpose``, ``linear``, ``batch_norm``) and `FxView.conv` / `FxView.bn`
 read their parameters into one record, so a rule is written once. A conv subclass with its own forward that is
-`lkfx.graph.fx.conv_like` (timm's Conv2dSame) has the kind ``conv_like``: only passes that ask for it see it.
+`lkfx.graph.fx.conv_like` (timm's Conv2dSame) has the kind ``conv_like``, and lkfx's `KWConv` ``kw_conv``: only
+passes that ask for them see them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lkfx.graph.fx import conv_like
+from lkfx.modules.kernel_warehouse import KWConv
 
 aten = torch.ops.aten
 
@@ -59,6 +61,7 @@ MODULES: dict[type, str] = {
     nn.Linear: "linear",
     nn.BatchNorm1d: "batch_norm", nn.BatchNorm2d: "batch_norm", nn.BatchNorm3d: "batch_norm",
     nn.SyncBatchNorm: "batch_norm",
+    KWConv: "kw_conv",
 }
 
 
@@ -287,6 +290,10 @@ class FxView:
                 if self.arg(bn.node, name) is not None and getattr(bn, name) is None:
                     return f"BatchNorm {name} is computed in the graph, not a constant"
         return None
+
+    def module_calls(self, node: fx.Node) -> int:
+        """How many call_module nodes call `node`'s module."""
+        return self._module_calls[node.target]
 
     def weight_shared_with(self, info: ConvInfo) -> str | None:
         """Name what else uses this conv's weight (another call site or a tied tensor), or None."""

@@ -39,8 +39,10 @@ over the batch: the official KWLinear's 1x1 conv1d. All paths compute the offici
 up to float rounding (tests: <= 1e-6 relative). ONNX Conv's ``group`` is a constant, so while exporting
 (`torch.onnx.export`, `torch.export`) a kxk conv is computed independently of the batch size: the padded
 input is sliced per kernel tap (im2col) and multiplied with the kernels (MatMul). The bias, and an inference
-BatchNorm after the conv folded into it (`KWConv.fold_affine`, by the `fold_bn` pass: ``y <- s y + (s b + t)``),
-are applied to the conv's own fresh output, in place without autograd.
+BatchNorm after the conv folded into it (`KWConv.fold_affine`, by the `fold_bn` pass: ``y <- s y + (s b + t)``)
+cost no extra pass where they can: the bias is added by the conv / bmm (``baddbmm``), the scale multiplies the
+per-sample kernels (in their layout copy) where they are smaller than the output, else the conv's own fresh
+output in place (without autograd).
 
 `tau` is a buffer, saved in the state_dict (the official code keeps it in a plain attribute). The warehouse is
 a submodule of the first conv that uses it (state_dict key ``<conv>.warehouse.cells``) and the others hold a
@@ -210,6 +212,11 @@ def _inference() -> bool:
     return not (torch.is_grad_enabled() or torch.is_inference_mode_enabled() or _tracing())
 
 
+def _bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``a @ b`` over the batch, plus `bias` (broadcast) in the same GEMM."""
+    return torch.bmm(a, b) if bias is None else torch.baddbmm(bias, a, b)
+
+
 def _workspace(slot: int, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
     """A buffer of `shape` from this thread's reusable slot `slot`, grown as needed. Kernels of a batch are
     ``B`` times a layer's weights (ResNet-50, batch 8: up to 75 MB a layer); freshly allocated, every page of them
@@ -281,9 +288,10 @@ class KWConv(nn.Module):
         z = z / (z.abs().sum(-1, keepdim=True) + 1e-3)
         return ((1.0 - self.tau) * z + self.tau * self.beta)[..., :-1]
 
-    def kernels(self, x: torch.Tensor, *, workspace: bool = False) -> torch.Tensor:
-        """Per-sample kernels ``(B, out, in/groups, *k)`` for the batch `x`. With `workspace` (inference only) they
-        are written into this thread's reusable buffers (`_workspace`), valid until the next KWConv call."""
+    def kernels(self, x: torch.Tensor, *, workspace: bool = False, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample kernels ``(B, out, in/groups, *k)`` for the batch `x`, each output channel times `scale` if
+        given. With `workspace` (inference only) they are written into this thread's reusable buffers
+        (`_workspace`), valid until the next KWConv call."""
         wh = self._warehouse[0]
         co, ci = wh.layout.cell_out, wh.layout.cell_in
         in_g = self.in_channels // self.groups
@@ -294,25 +302,32 @@ class KWConv(nn.Module):
             w = alpha @ cells  # (B, m, co ci)
         w = w.reshape(-1, math.prod(self.kernel_size), self.out_channels // co, in_g // ci, co, ci)
         w = w.permute(0, 2, 4, 3, 5, 1)  # (B, out cells, co, in cells, ci, taps)
-        if workspace and not w.is_contiguous():
-            w = _workspace(1, w.shape, cells).copy_(w)
+        s = None if scale is None else scale.reshape(1, -1, co, 1, 1, 1)
+        if workspace and (s is not None or not w.is_contiguous()):  # the scale rides on the layout copy
+            buffer = _workspace(1, w.shape, cells)
+            w = buffer.copy_(w) if s is None else torch.mul(w, s, out=buffer)
+        elif s is not None:
+            w = w * s
         return w.reshape(-1, self.out_channels, in_g, *self.kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.kernels(x, workspace=_inference())
+        # a folded affine map's scale enters the per-sample kernels where they are smaller than the output (1x1
+        # convs on large maps, depthwise convs), else the output; the bias goes into the conv / bmm
+        pixels = math.prod(x.shape[2:]) // math.prod(self.stride) if self.kernel_size else x[0].numel() // x.shape[-1]
+        scale_kernels = self.scale is not None and self.in_channels // self.groups * math.prod(self.kernel_size) \
+            <= pixels
+        w = self.kernels(x, workspace=_inference(), scale=self.scale if scale_kernels else None)
+        bias = self.bias if self.scale is None or scale_kernels else None
         if self._matmul_only and (x.shape[0] > 1 or not self.kernel_size):  # batch 1: oneDNN's 1x1 conv
-            y = self._batched_matmul(x, w)
+            y = self._batched_matmul(x, w, bias)
         else:
-            y = self._conv(x, w)
-        if self.bias is None:
+            y = self._conv(x, w, bias)
+        if self.scale is None or scale_kernels:
             return y
         # y is this call's own fresh tensor: without autograd the epilogue writes it in place (a new tensor of
         # a large map costs page faults: MobileNetV2's 8 x 96 x 112 x 112 is 3x slower to allocate than to scale)
         out = y if not (y.requires_grad or _tracing()) else None
-        bias = self._per_channel(self.bias)
-        if self.scale is None:
-            return torch.add(y, bias, out=out)
-        return torch.addcmul(bias, y, self._per_channel(self.scale), out=out)
+        return torch.addcmul(self._per_channel(self.bias), y, self._per_channel(self.scale), out=out)
 
     def _per_channel(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, *(1,) * len(self.kernel_size))
@@ -320,10 +335,10 @@ class KWConv(nn.Module):
     @torch.no_grad()
     def fold_affine(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
         """Follow this conv by ``y <- scale * y + shift`` per output channel (an inference BatchNorm: the
-        `fold_bn` pass). The cells are shared with other layers, so the scale cannot enter them, and the
-        per-sample kernels are B times the layer's weights (more than the output on small maps): the output is
-        scaled, with the bias, ``y <- s y + (s b + t)``, in place at inference. Computed in `scale`'s dtype
-        (float64 from `fold_bn`), stored in the cells'."""
+        `fold_bn` pass): ``y <- s conv(x, W) + (s b + t)``. The cells are shared with other layers, so the scale
+        cannot enter them; it multiplies the per-sample kernels where they are smaller than the output (B times
+        the layer's weights against B times the output map), else the output, in place at inference. Computed in
+        `scale`'s dtype (float64 from `fold_bn`), stored in the cells'."""
         dtype = self._warehouse[0].cells.dtype
         s = scale.reshape(-1)
         old_scale = torch.ones_like(s) if self.scale is None else self.scale.to(s)
@@ -332,37 +347,39 @@ class KWConv(nn.Module):
         self.bias = nn.Parameter((bias * s + shift.reshape(-1).to(s)).to(dtype),
                                  requires_grad=self.bias is None or self.bias.requires_grad)
 
-    def _batched_matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _batched_matmul(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """A Linear over the last dim, or a 1x1 conv (stride by subsampling), as one ``bmm`` over the batch:
-        ``y_b = W_b x_b``. Channels-last maps are multiplied as ``(B, HW, in) @ W_b^T`` and stay channels-last."""
+        ``y_b = W_b x_b (+ bias)``. Channels-last maps are multiplied as ``(B, HW, in) @ W_b^T`` and stay
+        channels-last."""
         w = w.reshape(-1, self.out_channels, self.in_channels)
         if not self.kernel_size:
             rows = x.unsqueeze(1) if x.dim() == 2 else x.flatten(1, -2)
-            return torch.bmm(rows, w.transpose(1, 2)).reshape(*x.shape[:-1], self.out_channels)
+            return _bmm(rows, w.transpose(1, 2), bias).reshape(*x.shape[:-1], self.out_channels)
         if any(s > 1 for s in self.stride):
             x = x[(slice(None), slice(None), *(slice(None, None, s) for s in self.stride))]
         size = x.shape[2:]
         if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-            y = torch.bmm(x.permute(0, 2, 3, 1).flatten(1, 2), w.transpose(1, 2))
+            y = _bmm(x.permute(0, 2, 3, 1).flatten(1, 2), w.transpose(1, 2), bias)
             return y.reshape(-1, *size, self.out_channels).permute(0, 3, 1, 2)
-        return torch.bmm(w, x.flatten(2)).reshape(-1, self.out_channels, *size)
+        return _bmm(w, x.flatten(2), None if bias is None else bias.unsqueeze(-1)).reshape(-1, self.out_channels, *size)
 
-    def _conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _conv(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         pad = self.padding
         if self.padding_mode != "zeros":
             x = F.pad(x, [p for p in reversed(pad) for _ in range(2)], mode=self.padding_mode)
             pad = (0,) * len(pad)
         if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
-            return self._per_sample_conv(x, w, pad)
+            y = self._per_sample_conv(x, w, pad)
+            return y if bias is None else y + self._per_channel(bias)
         b, conv = x.shape[0], _CONV[len(self.kernel_size)]
         # one conv per sample: dense / grouped convs, and depthwise ones on channels-last maps (folding the batch
         # would copy the map to NCHW; oneDNN's channels-last depthwise conv is 1.5-5x faster than its NCHW one on
         # MobileNetV2's 112 x 112 and 56 x 56 layers)
         if b > 1 and (self.in_channels > self.groups or memory_format_of(x) == torch.channels_last):
-            return torch.cat([conv(x[i:i + 1], w[i], None, self.stride, pad, self.dilation, self.groups)
+            return torch.cat([conv(x[i:i + 1], w[i], bias, self.stride, pad, self.dilation, self.groups)
                               for i in range(b)])
-        y = conv(x.reshape(1, -1, *x.shape[2:]), w.reshape(-1, *w.shape[2:]), None, self.stride, pad,
-                 self.dilation, self.groups * b)
+        y = conv(x.reshape(1, -1, *x.shape[2:]), w.reshape(-1, *w.shape[2:]), None if bias is None else bias.repeat(b),
+                 self.stride, pad, self.dilation, self.groups * b)
         return y.reshape(b, self.out_channels, *y.shape[2:])
 
     def _per_sample_conv(self, x: torch.Tensor, w: torch.Tensor, pad: tuple[int, ...]) -> torch.Tensor:

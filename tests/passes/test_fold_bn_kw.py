@@ -1,7 +1,8 @@
-"""fold_bn after KernelWarehouse convs: the BatchNorm becomes the KWConv's output affine map (its cells are
-shared, so they cannot take the scale). Exact to fp32 rounding (<= 1e-6 relative) on every conv path (bmm 1x1,
-per-sample dense and depthwise convs, batch-folded depthwise, a Linear), in both layouts, with and without
-autograd (in place / out of place), exported to ONNX; refusals name their reason."""
+"""fold_bn after KernelWarehouse convs: the BatchNorm becomes the KWConv's affine map (its cells are shared, so
+they cannot take the scale: it goes into the per-sample kernels or onto the output, the shift into the bias).
+Exact to fp32 rounding (<= 1e-6 relative) on every conv path (bmm 1x1, per-sample dense and depthwise convs,
+batch-folded depthwise, a Linear), in both layouts, with and without autograd (in place / out of place), exported
+to ONNX; refusals name their reason."""
 
 from __future__ import annotations
 
@@ -20,15 +21,18 @@ from lkfx.modules.kernel_warehouse import KWConv, convert_convs
 
 
 def kw_net(seed: int = 0) -> nn.Module:
-    """stem 3x3 (bias) + BN, depthwise 3x3 + BN, 1x1 + BN, strided 1x1 + BN, a Linear + BN1d head; KW at 1/2x."""
+    """KW at 1/2x: stem 3x3 (bias) + BN, depthwise 3x3 + BN, 1x1 + BN, strided 1x1 + BN, 3x3 on the 6x6 map + BN
+    (its kernels outweigh its output: the scale goes onto the output; the others' into their kernels), and a
+    Linear + BatchNorm1d head (the output too)."""
     torch.manual_seed(seed)
     convs = [nn.Conv2d(3, 16, 3, padding=1, bias=True), nn.Conv2d(16, 16, 3, padding=1, groups=16),
-             nn.Conv2d(16, 32, 1, bias=False), nn.Conv2d(32, 32, 1, stride=2, bias=False)]
+             nn.Conv2d(16, 32, 1, bias=False), nn.Conv2d(32, 32, 1, stride=2, bias=False),
+             nn.Conv2d(32, 32, 3, padding=1, bias=False)]
     kw = convert_convs(convs[:1], 0.5) + convert_convs(convs[1:2], 0.5) + convert_convs(convs[2:], 0.5)
     head = convert_convs([nn.Linear(32, 10)], 1.0)
     net = nn.Sequential(kw[0], nn.BatchNorm2d(16), nn.ReLU6(inplace=True), kw[1], nn.BatchNorm2d(16), nn.ReLU(),
-                        kw[2], nn.BatchNorm2d(32), kw[3], nn.BatchNorm2d(32), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                        head[0], nn.BatchNorm1d(10))
+                        kw[2], nn.BatchNorm2d(32), kw[3], nn.BatchNorm2d(32), kw[4], nn.BatchNorm2d(32),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), head[0], nn.BatchNorm1d(10))
     randomize_bn(net, seed)
     lkfx.set_temperature(net, 0.3)
     return net.eval()
@@ -46,7 +50,7 @@ def fold(model: nn.Module, **kw):
 def test_bn_after_kw_convs_becomes_their_output_affine(channels_last, batch):
     model = kw_net()
     out, pr = fold(model, example_inputs=(torch.randn(2, 3, 12, 12),))
-    assert (pr.matched, pr.rewritten, pr.skipped) == (5, 5, [])
+    assert (pr.matched, pr.rewritten, pr.skipped) == (6, 6, [])
     assert fx_bn_nodes(out) == []  # (each KWConv's attention keeps its own BatchNorm1d)
     assert all(m.scale is not None and m.bias is not None for m in out.modules() if isinstance(m, KWConv))
     x = torch.randn(batch, 3, 12, 12)
@@ -63,22 +67,22 @@ def test_bn_after_kw_convs_becomes_their_output_affine(channels_last, batch):
                if isinstance(m, KWConv) and hasattr(m, "warehouse"))
 
 
-def test_fold_affine_composes_and_keeps_the_state_dict_loadable():
+@pytest.mark.parametrize("index,channels", [(6, 16), (10, 32)])  # the scale in the kernels / on the output
+def test_fold_affine_composes_and_keeps_the_state_dict_loadable(index, channels):
     model = kw_net()
-    conv = model[6]
-    x = torch.randn(2, 16, 6, 6)
-    s1, t1, s2, t2 = (torch.rand(32, dtype=torch.float64) + 0.5 for _ in range(4))
+    conv = model[index]
+    x = torch.randn(2, channels, 6, 6)
+    s1, t1, s2, t2 = (torch.rand(32, dtype=torch.float64).view(1, -1, 1, 1) + 0.5 for _ in range(4))
     with torch.no_grad():
         y = conv(x)
         conv.fold_affine(s1, t1)
         conv.fold_affine(s2, t2)
-        expected = (y * s1.float().view(1, -1, 1, 1) + t1.float().view(1, -1, 1, 1)) * s2.float().view(1, -1, 1, 1) \
-            + t2.float().view(1, -1, 1, 1)
-        assert max_rel_error([expected.numpy()], [conv(x).numpy()]) <= 1e-6
+        expected = ((y * s1.float() + t1.float()) * s2.float() + t2.float()).numpy()
+        assert max_rel_error([expected], [conv(x).numpy()]) <= 1e-6
     state = model.state_dict()
-    assert "6.scale" in state and "6.bias" in state
+    assert f"{index}.scale" in state and f"{index}.bias" in state
     again = kw_net(seed=1)
-    again[6].fold_affine(torch.ones(32), torch.zeros(32))
+    again[index].fold_affine(torch.ones(32), torch.zeros(32))
     again.load_state_dict(state)
     with torch.no_grad():
         assert torch.equal(again(torch.ones(1, 3, 8, 8)), model(torch.ones(1, 3, 8, 8)))

@@ -1,6 +1,6 @@
 """kernel_warehouse: parameter counts against the paper's, and KW(1x) CPU latency against the official way.
 
-    python benchmarks/kernel_warehouse.py [--quick] [--size S] [--repeats R] [--out FILE.json]
+    python benchmarks/kernel_warehouse.py [--quick] [--size S] [--repeats R] [--budget S] [--out FILE.json]
 
 Parameters: torchvision ResNet18 (1/4x-4x), ResNet50 (1/2x, 1x, 4x), MobileNetV2 1.0 and 0.5 (1/2x, 1x, 4x;
 width 0.5 is the official layer table) and timm's ConvNeXt-T (1x, its MLPs nn.Linear), random weights,
@@ -10,8 +10,9 @@ against the static model's (goal: fewer).
 Latency of KW(1x) ResNet18, ResNet50 and MobileNetV2 (eval mode, tau = 0, fp32, one thread,
 ``torch.set_flush_denormal(True)``: random nets otherwise time denormal arithmetic), at batch 1 and 8, each
 column in both layouts (NCHW, and the model and input converted to channels-last, what
-``model.to(memory_format=torch.channels_last)`` gives a user), measured interleaved in the same run (fastest of R
-repeats; the machine is shared):
+``model.to(memory_format=torch.channels_last)`` gives a user), measured interleaved in the same run: the fastest
+of at least R rounds, more while a row has used less than S seconds (the machine is shared, and a fresh tensor's
+page faults make single runs vary by 10-40 %):
 
 - static: the original model; static + fold_bn: the same with its BatchNorms folded (what a deployment runs);
 - grouped conv (anchor): the KW model run the official code's way (per-sample kernels, then one conv over the
@@ -108,7 +109,7 @@ def timed(fn, x: torch.Tensor) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, y
 
 
-def measure(name: str, size: int, batch: int, repeats: int) -> dict:
+def measure(name: str, size: int, batch: int, repeats: int, budget: float) -> dict:
     torch.manual_seed(0)
     static = build(name).eval()
     x = torch.randn(batch, 3, size, size)
@@ -147,9 +148,11 @@ def measure(name: str, size: int, batch: int, repeats: int) -> dict:
     best = dict.fromkeys(columns, float("inf"))
     with torch.no_grad():
         outputs = {k: f(v) for k, (f, v) in columns.items()}  # warm-up
-        for _ in range(repeats):
+        start, rounds = time.perf_counter(), 0
+        while rounds < repeats or time.perf_counter() - start < budget:
             for k, (f, v) in columns.items():
                 best[k] = min(best[k], timed(f, v)[0])
+            rounds += 1
         errors = {k: [rel_error(outputs[k], outputs["grouped"])] for k in lkfx_models}
         for model in lkfx_models.values():  # random MobileNetV2's output at tau = 0 is ~0: compare at tau = 1 too
             lkfx.set_temperature(model, 1.0)
@@ -160,7 +163,7 @@ def measure(name: str, size: int, batch: int, repeats: int) -> dict:
     lkfx_name = min(("lkfx", "lkfx channels-last"), key=best.get)
     convs_name = min(("lkfx convs", "lkfx convs channels-last"), key=best.get)
     static_s = min(best["static + fold_bn"], best["static + fold_bn channels-last"])
-    return {"model": name, "batch": batch, "seconds": best, "anchor": anchor_name, "lkfx": lkfx_name,
+    return {"model": name, "batch": batch, "rounds": rounds, "seconds": best, "anchor": anchor_name, "lkfx": lkfx_name,
             "lkfx_vs_grouped": best[lkfx_name] / best[anchor_name],
             "convs_vs_grouped": best[convs_name] / best[anchor_name],
             "bound_vs_grouped": (best["assembly"] + static_s) / best[anchor_name],
@@ -183,10 +186,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="64 x 64, one repeat (smoke test)")
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="at least this many rounds per row")
+    parser.add_argument("--budget", type=float, default=60.0, help="more rounds while a row used fewer seconds")
     parser.add_argument("--out", type=Path, help="JSON file (default: results/kernel_warehouse.json)")
     args = parser.parse_args()
-    size, repeats = (64, 1) if args.quick else (args.size, args.repeats)
+    size, repeats, budget = (64, 1, 0.0) if args.quick else (args.size, args.repeats, args.budget)
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
 
@@ -206,7 +210,7 @@ def main() -> None:
     latency = []
     for name in TIMED:
         for batch in (1, 8):
-            r = measure(name, size, batch, repeats)
+            r = measure(name, size, batch, repeats, budget)
             latency.append(r)
             s = r["seconds"]
             print(f"{name:<13} batch {batch}: " + "  ".join(f"{k} {v * 1e3:.1f} ms" for k, v in s.items()) +
@@ -232,9 +236,10 @@ def main() -> None:
     out = args.out if args.out is not None else (None if args.quick else RESULTS / "kernel_warehouse.json")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"size": size, "repeats": repeats, "threads": torch.get_num_threads(), "flush_denormal": True,
-                "torch": torch.__version__, "machine": machine(),
-                "note": "fastest of the repeats, columns interleaved; the machine was shared with other jobs"}
+        meta = {"size": size, "repeats": repeats, "budget_s": budget, "threads": torch.get_num_threads(),
+                "flush_denormal": True, "torch": torch.__version__, "machine": machine(),
+                "note": "fastest of the rounds (at least the repeats, more within the budget), columns interleaved; "
+                        "the machine was shared with other jobs"}
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps({"meta": meta, "params": counts, "latency": latency, "goals": goals},
                                   indent=2))

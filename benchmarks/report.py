@@ -209,8 +209,9 @@ def kernel_warehouse(data: dict) -> Section:
         right.set_xticklabels(names)
 
     return Section("KernelWarehouse (`benchmarks/kernel_warehouse.py`)", "the official code's grouped conv", lines,
-                   draw, [f"{meta['size']}x{meta['size']}, {meta['threads']} thread, flush-denormal, fastest of "
-                          f"{meta['repeats']}, {meta['machine']}; {meta['note']}."])
+                   draw, [f"{meta['size']}x{meta['size']}, {meta['threads']} thread, flush-denormal, fastest of at "
+                          f"least {meta['repeats']} rounds ({meta.get('budget_s', 0):g} s a row), {meta['machine']}; "
+                          f"{meta['note']}."])
 
 
 def quant(data: dict) -> Section:

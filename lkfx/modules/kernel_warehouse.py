@@ -67,7 +67,7 @@ from lkfx.errors import LkfxError
 from lkfx.graph.layout import memory_format_of
 
 __all__ = ["KWConv", "TemperatureSchedule", "Warehouse", "WarehouseLayout", "attention_parameters",
-           "convert_convs", "layout", "set_temperature"]
+           "convert_convs", "layout", "mark_interleaved", "set_temperature"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -212,9 +212,18 @@ def _inference() -> bool:
     return not (torch.is_grad_enabled() or torch.is_inference_mode_enabled() or _tracing())
 
 
-def _bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ b`` over the batch, plus `bias` (broadcast) in the same GEMM."""
-    return torch.bmm(a, b) if bias is None else torch.baddbmm(bias, a, b)
+    return torch.bmm(a, b, out=out) if bias is None else torch.baddbmm(bias, a, b, out=out)
+
+
+def _interleaved(x: torch.Tensor) -> bool:
+    """Whether the map ``(B, C, H, W)`` is batch-interleaved channels-last: memory ``(H, W, B, C)``, the layout of
+    one ``(1, B C, H, W)`` channels-last map."""
+    if x.dim() != 4 or x.shape[0] < 2:
+        return False
+    b, c, _, w = x.shape
+    return x.stride() == (c, 1, w * b * c, b * c)
 
 
 def _workspace(slot: int, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
@@ -249,6 +258,7 @@ class KWConv(nn.Module):
         self.padding = _padding(padding, self.kernel_size, self.dilation)
         self.groups, self.padding_mode = groups, padding_mode
         self._matmul_only = groups == 1 and all(k == 1 for k in self.kernel_size) and not any(self.padding)
+        self.interleave_output = False  # see `mark_interleaved`
         self.m, self.n = lay.m[index], lay.n
         self._warehouse = (warehouse,)  # a plain reference: registered once, by the owner
         if owner:
@@ -358,8 +368,13 @@ class KWConv(nn.Module):
         if any(s > 1 for s in self.stride):
             x = x[(slice(None), slice(None), *(slice(None, None, s) for s in self.stride))]
         size = x.shape[2:]
-        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-            y = _bmm(x.permute(0, 2, 3, 1).flatten(1, 2), w.transpose(1, 2), bias)
+        if x.dim() == 4 and (x.is_contiguous(memory_format=torch.channels_last) or _interleaved(x)):
+            rows = x.permute(0, 2, 3, 1).flatten(1, 2)  # (B, HW, in), rows B in apart when interleaved
+            if self.interleave_output and not (torch.is_grad_enabled() or _tracing()):
+                y = torch.empty(math.prod(size), x.shape[0], self.out_channels, dtype=w.dtype, device=w.device)
+                _bmm(rows, w.transpose(1, 2), bias, out=y.transpose(0, 1))
+                return y.view(*size, x.shape[0], self.out_channels).permute(2, 3, 0, 1)
+            y = _bmm(rows, w.transpose(1, 2), bias)
             return y.reshape(-1, *size, self.out_channels).permute(0, 3, 1, 2)
         return _bmm(w, x.flatten(2), None if bias is None else bias.unsqueeze(-1)).reshape(-1, self.out_channels, *size)
 
@@ -372,6 +387,8 @@ class KWConv(nn.Module):
             y = self._per_sample_conv(x, w, pad)
             return y if bias is None else y + self._per_channel(bias)
         b, conv = x.shape[0], _CONV[len(self.kernel_size)]
+        if self.groups == self.in_channels and _interleaved(x):
+            return self._interleaved_depthwise(x, w, bias, pad)
         # one conv per sample: dense / grouped convs, and depthwise ones on channels-last maps (folding the batch
         # would copy the map to NCHW; oneDNN's channels-last depthwise conv is 1.5-5x faster than its NCHW one on
         # MobileNetV2's 112 x 112 and 56 x 56 layers)
@@ -381,6 +398,19 @@ class KWConv(nn.Module):
         y = conv(x.reshape(1, -1, *x.shape[2:]), w.reshape(-1, *w.shape[2:]), None if bias is None else bias.repeat(b),
                  self.stride, pad, self.dilation, self.groups * b)
         return y.reshape(b, self.out_channels, *y.shape[2:])
+
+    def _interleaved_depthwise(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+                               pad: tuple[int, ...]) -> torch.Tensor:
+        """A depthwise conv of a batch-interleaved map: one channels-last conv of ``(1, B in, H, W)`` with ``B in``
+        groups (oneDNN's channels-last depthwise kernel, no copy), output batch-interleaved too (channels-last if
+        this conv does not `interleave_output`)."""
+        b, c, h, wd = x.shape
+        y = F.conv2d(x.as_strided((1, b * c, h, wd), (h * wd * b * c, 1, wd * b * c, b * c)),
+                     w.reshape(-1, *w.shape[2:]), None if bias is None else bias.repeat(b), self.stride, pad,
+                     self.dilation, b * c).contiguous(memory_format=torch.channels_last)
+        ho, wo, oc = y.shape[2], y.shape[3], self.out_channels
+        y = y.as_strided((b, oc, ho, wo), (oc, 1, wo * b * oc, b * oc))
+        return y if self.interleave_output else y.contiguous(memory_format=torch.channels_last)
 
     def _per_sample_conv(self, x: torch.Tensor, w: torch.Tensor, pad: tuple[int, ...]) -> torch.Tensor:
         """The batch-folded grouped conv without a batch-sized group count: im2col by slicing, then MatMul."""
@@ -437,6 +467,43 @@ def convert_convs(convs: Sequence[Any], budget: float = 1.0,
                 kw.bias.copy_(c.bias)
         out.append(kw)
     return out
+
+
+# single-input elementwise modules a batch-interleaved map may pass through (BatchNorm may not: its CPU kernel
+# is ~10x slower on it; `fold_bn` removes the ones after KW convs)
+_ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.LeakyReLU,
+                nn.Sigmoid, nn.Mish, nn.ELU, nn.Identity)
+
+
+def mark_interleaved(gm: torch.fx.GraphModule) -> int:
+    """Set `KWConv.interleave_output` on each 2-D 1x1 or depthwise KWConv of `gm` whose output reaches, through
+    elementwise activations only, nothing but 1x1 and depthwise KWConvs (an inverted residual block's expand ->
+    depthwise -> project chain, once its BatchNorms are folded); clear it on the others. Returns how many are set.
+
+    Such a conv hands its output on batch-interleaved (memory ``(H, W, B, C)``, `_interleaved`), at batch > 1
+    without autograd, where its input is channels-last or interleaved: a 1x1 conv writes it in its bmm at no
+    cost, and a depthwise conv then runs the whole batch as one channels-last conv of ``(1, B C, H, W)``
+    (`_interleaved_depthwise`) instead of one conv per sample and a concatenation. Only the layout changes."""
+    modules = dict(gm.named_modules())
+
+    def chainable(m: Any) -> bool:
+        return isinstance(m, KWConv) and len(m.kernel_size) == 2 and (m._matmul_only or m.groups == m.in_channels)
+
+    def readers_take(node: torch.fx.Node) -> bool:
+        for user in node.users:
+            m = modules.get(user.target) if user.op == "call_module" else None
+            through = isinstance(m, _ELEMENTWISE) and len(user.args) == 1 and not user.kwargs
+            if not (through and readers_take(user) or chainable(m) and user.args[:1] == (node,)):
+                return False
+        return bool(node.users)
+
+    verdicts: dict[str, bool] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and chainable(modules.get(node.target)):
+            verdicts[node.target] = verdicts.get(node.target, True) and readers_take(node)
+    for name, verdict in verdicts.items():
+        modules[name].interleave_output = verdict
+    return sum(verdicts.values())
 
 
 def set_temperature(model: nn.Module, tau: float) -> int:

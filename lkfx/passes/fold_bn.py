@@ -236,6 +236,10 @@ class FoldBN(Pass):
             rules.append(Rule("bn->conv", Pattern(("conv", "linear", "conv_like"), [Pattern("batch_norm", bind="bn")],
                                                   bind="conv"), refusing(before_check), before_rewrite, where, subject))
         apply_rules(view, rules, ctx.report)
+        if any(view.kind(n) == "kw_conv" for n in gm.graph.nodes) and ctx.report.modified:
+            from lkfx.modules.kernel_warehouse import mark_interleaved
+
+            mark_interleaved(gm)  # KW convs no longer separated by BatchNorms may chain batch-interleaved maps
         for node in gm.graph.nodes:  # every BatchNorm left is listed with its reason
             if view.kind(node) == "batch_norm" and node not in refused and \
                     (node.op == "call_module" or view.bn(node).mean is not None):

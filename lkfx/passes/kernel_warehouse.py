@@ -118,7 +118,7 @@ class KernelWarehouse(Pass):
 
     def run_fx(self, gm: Any, ctx: PassContext) -> Any:
         from lkfx.graph.fx import propagate_shapes
-        from lkfx.modules.kernel_warehouse import convert_convs
+        from lkfx.modules.kernel_warehouse import convert_convs, mark_interleaved
         from lkfx.patterns.fx import FxView
 
         cfg, report = self.config, ctx.report
@@ -187,6 +187,7 @@ class KernelWarehouse(Pass):
         if not report.modified:
             return gm
         gm = view.finish()
+        mark_interleaved(gm)
         after = _count(gm)
         report.note(f"{len(groups)} warehouses at budget {cfg['budget']:g}; parameters {before} -> {after} "
                     f"({after / before:.1%})")

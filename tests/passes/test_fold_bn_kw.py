@@ -17,7 +17,8 @@ from helpers import TOL, assert_same_outputs, fx_bn_nodes, randomize_bn, reasons
 
 import lkfx
 from lkfx.compare import max_rel_error
-from lkfx.modules.kernel_warehouse import KWConv, convert_convs
+from lkfx.graph.fx import trace
+from lkfx.modules.kernel_warehouse import KWConv, convert_convs, mark_interleaved
 
 
 def kw_net(seed: int = 0) -> nn.Module:
@@ -141,3 +142,69 @@ def test_training_mode_bn_is_refused():
     model = kw_net().train()
     _, pr = fold(model)
     assert pr.rewritten == 0 and all("training mode" in r for r in reasons(pr)), reasons(pr)
+
+
+class InvertedResidual(nn.Module):
+    """expand 1x1 -> ReLU6 -> depthwise 3x3 (multiplier 2, stride `stride`) -> ReLU6 -> project 1x1, + skip when
+    shapes allow; the head reads the project's output (so the project conv must hand it on channels-last)."""
+
+    def __init__(self, stride: int):
+        super().__init__()
+        torch.manual_seed(stride)
+        convs = [nn.Conv2d(8, 24, 1, bias=False), nn.Conv2d(24, 48, 3, stride, 1, groups=24, bias=True),
+                 nn.Conv2d(48, 8, 1, bias=True)]
+        self.expand, self.depthwise, self.project = convert_convs(convs, 1.0)
+        self.act1, self.act2 = nn.ReLU6(inplace=True), nn.ReLU6()
+        self.stride = stride
+
+    def forward(self, x):
+        y = self.project(self.act2(self.depthwise(self.act1(self.expand(x)))))
+        return x + y if self.stride == 1 else y
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_kw_chain_hands_on_batch_interleaved_maps(stride):
+    """expand and depthwise pass their outputs on batch-interleaved (memory (H, W, B, C)) without autograd; the
+    depthwise conv runs the batch as one conv; only the layout changes, never the values."""
+    model = InvertedResidual(stride).eval()
+    lkfx.set_temperature(model, 0.3)
+    gm = trace(copy.deepcopy(model), (KWConv,))
+    assert mark_interleaved(gm) == 2
+    assert (gm.expand.interleave_output, gm.depthwise.interleave_output, gm.project.interleave_output) == \
+        (True, True, False)
+    x = torch.randn(3, 8, 10, 10).contiguous(memory_format=torch.channels_last)
+    seen = {}
+    hooks = [getattr(gm, name).register_forward_hook(lambda m, a, y, name=name: seen.__setitem__(name, y.stride()))
+             for name in ("expand", "depthwise", "project")]
+    with torch.no_grad():
+        ref, y = model(x), gm(x)
+    for h in hooks:
+        h.remove()
+    assert max_rel_error([ref.numpy()], [y.numpy()]) <= 1e-6
+    size = 10 // stride
+    assert seen["expand"] == (24, 1, 10 * 3 * 24, 3 * 24)  # (H, W, B, C) in memory
+    assert seen["depthwise"] == (48, 1, size * 3 * 48, 3 * 48)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    y = gm(x)  # with autograd: plain channels-last maps, same values
+    assert max_rel_error([ref.numpy()], [y.detach().numpy()]) <= 1e-6
+    with torch.no_grad():  # NCHW input and batch 1: their own paths, same values
+        for v in (x.contiguous(), x[:1]):
+            assert max_rel_error([model(v).numpy()], [gm(v).numpy()]) <= 1e-6
+
+
+def test_batchnorm_between_kw_convs_keeps_channels_last_until_folded():
+    torch.manual_seed(0)
+    static = randomize_bn(torchvision.models.mobilenet_v2()).eval()
+    kw = lkfx.transform(static, ["kernel_warehouse"], example_inputs=(torch.randn(2, 3, 32, 32),)).eval()
+    convs = [m for m in kw.modules() if isinstance(m, KWConv)]
+    assert not any(m.interleave_output for m in convs)  # BatchNorm is ~10x slower on interleaved maps
+    out = lkfx.transform(kw, ["fold_bn"])
+    marked = {n for n, m in out.named_modules() if isinstance(m, KWConv) and m.interleave_output}
+    # the expand and depthwise convs of the blocks (features.14's project conv stays static, as in the official
+    # model: its depthwise conv hands on channels-last), and projects feeding the next block's expand only
+    assert len(marked) > 20 and "features.14.conv.1.0" not in marked and "features.2.conv.1.0" in marked
+    lkfx.set_temperature(kw, 1.0)
+    lkfx.set_temperature(out, 1.0)
+    x = torch.randn(3, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    kw_cl, out_cl = (copy.deepcopy(m).to(memory_format=torch.channels_last) for m in (kw, out))
+    assert_same_outputs(kw_cl, out_cl, (x,))

@@ -78,7 +78,9 @@ def params(model: torch.nn.Module) -> int:
 
 
 def grouped_forward(self: KWConv, x: torch.Tensor) -> torch.Tensor:
-    """The official KWconvNd / KWLinear forward: one conv over the batch folded into the groups."""
+    """The official KWconvNd / KWLinear forward: one conv over the batch folded into the groups (its reshape of the
+    map copies a channels-last one to NCHW; the kernels come out in NCHW layout, as the official code makes them)."""
+    x = x.contiguous()
     b, w = x.shape[0], self.kernels(x)
     if not self.kernel_size:  # KWLinear: a conv1d over the rows
         rows = x.reshape(b, -1, x.shape[-1]).transpose(1, 2).reshape(1, -1, x[0].numel() // x.shape[-1])

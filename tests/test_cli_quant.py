@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import op_types
+from helpers import ORT_INT8_WEIGHT_BITS, op_types
 from passes.test_fake_quant_onnx import export_digits, run
 
 from lkfx.cli import main
@@ -38,8 +38,8 @@ def digits(tmp_path_factory):
 def test_npz_calibration_writes_a_qdq_model_close_to_float(digits, tmp_path, capsys):
     folder, x_test = digits
     src, out, rep = folder / "digits.onnx", tmp_path / "int8.onnx", tmp_path / "report.json"
-    argv = ["optimize", str(src), "-o", str(out), "-p", "fake_quant:method=minmax", "--calib-data",
-            str(folder / "calib.npz"), "--report", str(rep)]
+    argv = ["optimize", str(src), "-o", str(out), "-p", f"fake_quant:method=minmax,weight_bits={ORT_INT8_WEIGHT_BITS}",
+            "--calib-data", str(folder / "calib.npz"), "--report", str(rep)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "fold_bn folded 4 BatchNormalization" in printed and "calibrated with minmax on 1 batches" in printed

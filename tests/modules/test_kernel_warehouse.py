@@ -209,6 +209,20 @@ def test_fast_paths_equal_the_batch_grouped_forward(conv, batch, channels_last):
         assert y.is_contiguous(memory_format=torch.channels_last)  # the 1x1 bmm and depthwise convs keep it
 
 
+@pytest.mark.parametrize("budget", [0.5, 2.0])
+def test_channels_last_maps_get_channels_last_kernels_of_the_same_values(budget):
+    _, kw = kw_pair(budget, stride=2)
+    kw.eval().tau.fill_(0.3)
+    x = torch.randn(3, 16, 9, 9)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for workspace in (False, True):
+            w, wc = kw.kernels(x, workspace=workspace).clone(), kw.kernels(xc, workspace=workspace)
+            assert all(wc[i].is_contiguous(memory_format=torch.channels_last) for i in range(3))
+            assert rel(w, wc) <= 1e-6  # (the attention pools the two layouts in different orders)
+        assert rel(kw(x), kw(xc)) <= 1e-6
+
+
 @pytest.mark.parametrize("conv", [
     {"kernel_size": 1, "padding": 0},  # in cells of one: the product is already the kernel's layout
     {"stride": 2},  # taps and cells permuted: a second buffer

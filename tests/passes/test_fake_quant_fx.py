@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import randomize_bn
+from helpers import ORT_INT8_WEIGHT_BITS, randomize_bn
 
 import lkfx
 from lkfx.errors import LkfxError
@@ -287,8 +287,8 @@ def test_qat_refuses_shared_and_multi_use_pairs():
 
 @pytest.mark.parametrize("placement", ["ort", "tensorrt"])
 def test_export_runs_int8_in_onnxruntime(tmp_path, placement):
-    q = lkfx.transform(digits_cnn(), [("fake_quant", {"placement": placement, "method": "minmax"})],
-                       calib_data=calib())
+    options = {"placement": placement, "method": "minmax", "weight_bits": ORT_INT8_WEIGHT_BITS}
+    q = lkfx.transform(digits_cnn(), [("fake_quant", options)], calib_data=calib())
     path = tmp_path / "q.onnx"
     proto = export_onnx(q, calib()[0][:1], path)
     ops = [n.op_type for n in proto.graph.node]

@@ -25,7 +25,17 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import bn_initializers, bn_node, init, make_model, op_types, rand, randomize_bn, reasons
+from helpers import (
+    ORT_INT8_WEIGHT_BITS,
+    bn_initializers,
+    bn_node,
+    init,
+    make_model,
+    op_types,
+    rand,
+    randomize_bn,
+    reasons,
+)
 from onnx import helper, numpy_helper
 
 import lkfx
@@ -249,7 +259,7 @@ def test_tensorrt_residual_rule_quantizes_the_shortcut_only():
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_runs_and_range_methods_stay_close_to_float(digits, method):
     model, calib, x_test, y_test, ref = digits
-    out, pr = quantize(model, calib, method=method, placement="ort")
+    out, pr = quantize(model, calib, method=method, placement="ort", weight_bits=ORT_INT8_WEIGHT_BITS)
     assert any(f"calibrated with {method} on 4 batches" in n for n in pr.notes)
     got = run(out, x_test)
     assert np.isfinite(got).all()

@@ -199,6 +199,7 @@ def _ntuple(value: Any, n: int) -> tuple[int, ...]:
 
 
 _BUFFERS = threading.local()
+_PER_SAMPLE_MACS = 32_000_000  # see `KWConv._per_sample`
 
 
 def _tracing() -> bool:
@@ -298,12 +299,14 @@ class KWConv(nn.Module):
         z = z / (z.abs().sum(-1, keepdim=True) + 1e-3)
         return ((1.0 - self.tau) * z + self.tau * self.beta)[..., :-1]
 
-    def kernels(self, x: torch.Tensor, *, workspace: bool = False, scale: torch.Tensor | None = None) -> torch.Tensor:
+    def kernels(self, x: torch.Tensor, *, workspace: bool = False, scale: torch.Tensor | None = None,
+                channels_last: bool | None = None) -> torch.Tensor:
         """Per-sample kernels ``(B, out, in/groups, *k)`` for the batch `x`, each output channel times `scale` if
-        given; each sample's kernel channels-last (memory ``(out, *k, in/groups)``) when `x` is a channels-last
-        2-D map, as oneDNN takes it (a contiguous kernel would be copied per sample first: ResNet50's 7 x 7 convs
-        at batch 8 run 2x slower). With `workspace` (inference only) they are written into this thread's reusable
-        buffers (`_workspace`), valid until the next KWConv call."""
+        given; each sample's kernel channels-last (memory ``(out, *k, in/groups)``) for a 2-D conv if
+        `channels_last` (default: when `x` is a channels-last map), as oneDNN takes it with such a map (a contiguous
+        kernel would be copied per sample first: ResNet50's 7 x 7 convs at batch 8 run 2x slower). With
+        `workspace` (inference only) they are written into this thread's reusable buffers (`_workspace`), valid
+        until the next KWConv call."""
         wh = self._warehouse[0]
         co, ci = wh.layout.cell_out, wh.layout.cell_in
         in_g = self.in_channels // self.groups
@@ -313,7 +316,9 @@ class KWConv(nn.Module):
         else:
             w = alpha @ cells  # (B, m, co ci)
         w = w.reshape(-1, math.prod(self.kernel_size), self.out_channels // co, in_g // ci, co, ci)
-        channels_last = len(self.kernel_size) == 2 and memory_format_of(x) == torch.channels_last
+        if channels_last is None:
+            channels_last = memory_format_of(x) == torch.channels_last
+        channels_last = channels_last and len(self.kernel_size) == 2
         # (B, out cells, co, taps, in cells, ci) channels-last, else (B, out cells, co, in cells, ci, taps)
         w = w.permute(0, 2, 4, 1, 3, 5) if channels_last else w.permute(0, 2, 4, 3, 5, 1)
         s = None if scale is None else scale.reshape(1, -1, co, 1, 1, 1)
@@ -332,7 +337,11 @@ class KWConv(nn.Module):
         pixels = math.prod(x.shape[2:]) // math.prod(self.stride) if self.kernel_size else x[0].numel() // x.shape[-1]
         scale_kernels = self.scale is not None and self.in_channels // self.groups * math.prod(self.kernel_size) \
             <= pixels
-        w = self.kernels(x, workspace=_inference(), scale=self.scale if scale_kernels else None)
+        # channels-last kernels where the conv runs on the channels-last map itself (not batch-folded to NCHW)
+        channels_last = memory_format_of(x) == torch.channels_last and (
+            x.shape[0] == 1 or self._per_sample(x, self.padding))
+        w = self.kernels(x, workspace=_inference(), scale=self.scale if scale_kernels else None,
+                         channels_last=channels_last)
         bias = self.bias if self.scale is None or scale_kernels else None
         if self._matmul_only and (x.shape[0] > 1 or not self.kernel_size):  # batch 1: oneDNN's 1x1 conv
             y = self._batched_matmul(x, w, bias)
@@ -395,15 +404,29 @@ class KWConv(nn.Module):
         b, conv = x.shape[0], _CONV[len(self.kernel_size)]
         if self.groups == self.in_channels and _interleaved(x):
             return self._interleaved_depthwise(x, w, bias, pad)
-        # one conv per sample: dense / grouped convs, and depthwise ones on channels-last maps (folding the batch
-        # would copy the map to NCHW; oneDNN's channels-last depthwise conv is 1.5-5x faster than its NCHW one on
-        # MobileNetV2's 112 x 112 and 56 x 56 layers)
-        if b > 1 and (self.in_channels > self.groups or memory_format_of(x) == torch.channels_last):
+        if b > 1 and self._per_sample(x, pad):
             return torch.cat([conv(x[i:i + 1], w[i], bias, self.stride, pad, self.dilation, self.groups)
                               for i in range(b)])
         y = conv(x.reshape(1, -1, *x.shape[2:]), w.reshape(-1, *w.shape[2:]), None if bias is None else bias.repeat(b),
                  self.stride, pad, self.dilation, self.groups * b)
         return y.reshape(b, self.out_channels, *y.shape[2:])
+
+    def _per_sample(self, x: torch.Tensor, pad: Sequence[int]) -> bool:
+        """One conv per sample, rather than one conv over the batch folded into the groups: depthwise convs on
+        channels-last maps (folding would copy the map to NCHW; oneDNN's channels-last depthwise conv is 1.5-5x
+        faster than its NCHW one on MobileNetV2's 112 x 112 and 56 x 56 layers); dense and grouped convs at
+        inference when a sample's conv has at least `_PER_SAMPLE_MACS` multiply-adds (oneDNN runs a large
+        batch-sized group count up to 2.6x slower: ResNet's 512-channel 7 x 7 convs; on small maps the calls'
+        overhead outweighs that). With autograd the folded conv's one backward beats B of them (1-2x, measured
+        on ResNet and CIFAR-sized convs)."""
+        if self.in_channels == self.groups:
+            return memory_format_of(x) == torch.channels_last
+        if torch.is_grad_enabled():
+            return False
+        out = math.prod((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
+                        zip(x.shape[2:], pad, self.dilation, self.kernel_size, self.stride, strict=True))
+        macs = self.out_channels * self.in_channels // self.groups * math.prod(self.kernel_size) * out
+        return macs >= _PER_SAMPLE_MACS
 
     def _interleaved_depthwise(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
                                pad: tuple[int, ...]) -> torch.Tensor:

@@ -329,7 +329,8 @@ PLACEMENT_NOTES = {
                 "fuses into int8 kernels; exported to ONNX, onnxruntime runs it partly in float (on CPU ~3x slower "
                 "than placement=ort): for onnxruntime use placement=ort",
     "ort": "placement=ort: fake-quant on the inputs and outputs of every quantized op, the QDQ layout onnxruntime "
-           "turns into integer kernels; for TensorRT use placement=tensorrt",
+           "turns into integer kernels; for TensorRT use placement=tensorrt. On x86 CPUs without VNNI (AVX2) "
+           "onnxruntime's int8 kernels saturate with 8-bit weights: quantize with weight_bits=7 for those",
 }
 
 

@@ -117,7 +117,8 @@ PLACEMENT_NOTES = {
                 "onnxruntime use placement=ort",
     "ort": "placement=ort: QDQ on the inputs and outputs of every quantized op and int32 biases, the layout "
            "onnxruntime turns into integer kernels (QLinearConv, QLinearAdd, ...); for TensorRT use "
-           "placement=tensorrt",
+           "placement=tensorrt. On x86 CPUs without VNNI (AVX2) onnxruntime's int8 kernels saturate with 8-bit "
+           "weights: quantize with weight_bits=7 for those",
 }
 
 

@@ -338,7 +338,7 @@ class KWConv(nn.Module):
         scale_kernels = self.scale is not None and self.in_channels // self.groups * math.prod(self.kernel_size) \
             <= pixels
         # channels-last kernels where the conv runs on the channels-last map itself (not batch-folded to NCHW)
-        channels_last = memory_format_of(x) == torch.channels_last and (
+        channels_last = len(self.kernel_size) == 2 and memory_format_of(x) == torch.channels_last and (
             x.shape[0] == 1 or self._per_sample(x, self.padding))
         w = self.kernels(x, workspace=_inference(), scale=self.scale if scale_kernels else None,
                          channels_last=channels_last)

@@ -20,6 +20,7 @@ from helpers import TOL, ddp_net, free_port
 import lkfx
 from lkfx.compare import max_rel_error
 from lkfx.errors import LkfxError
+from lkfx.modules import kernel_warehouse
 from lkfx.modules.kernel_warehouse import (
     KWConv,
     TemperatureSchedule,
@@ -190,13 +191,16 @@ def test_batch_folded_conv_is_one_conv_per_sample(conv):
 @pytest.mark.parametrize("conv", [
     {"kernel_size": 1, "padding": 0, "bias": True},  # one bmm
     {"kernel_size": 1, "padding": 0, "stride": 2},  # subsampled, one bmm
-    {"stride": 2},  # one dense conv per sample
-    {"groups": 4},  # one grouped conv per sample
+    {"stride": 2},  # dense: one conv per sample (large convs) or batch-folded (small ones)
+    {"groups": 4},  # grouped: the same
     {"in_channels": 32, "groups": 32},  # depthwise: batch folded into the groups (channels-last: per sample)
 ])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_fast_paths_equal_the_batch_grouped_forward(conv, batch, channels_last):
+@pytest.mark.parametrize("per_sample_macs", [0, None])  # 0: every conv counts as large; None: the default
+def test_fast_paths_equal_the_batch_grouped_forward(conv, batch, channels_last, per_sample_macs, monkeypatch):
+    if per_sample_macs is not None:
+        monkeypatch.setattr(kernel_warehouse, "_PER_SAMPLE_MACS", per_sample_macs)
     _, kw = kw_pair(0.5, **conv)
     kw.eval().tau.fill_(0.3)
     x = torch.randn(batch, kw.in_channels, 12, 12)

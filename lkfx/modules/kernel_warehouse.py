@@ -332,21 +332,19 @@ class KWConv(nn.Module):
         return w.view(-1, self.out_channels, in_g, *self.kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        matmul = self._matmul_only and (x.shape[0] > 1 or not self.kernel_size)  # batch 1: oneDNN's 1x1 conv
+        per_sample = not matmul and x.shape[0] > 1 and self._per_sample(x)
         # a folded affine map's scale enters the per-sample kernels where they are smaller than the output (1x1
         # convs on large maps, depthwise convs), else the output; the bias goes into the conv / bmm
-        pixels = math.prod(x.shape[2:]) // math.prod(self.stride) if self.kernel_size else x[0].numel() // x.shape[-1]
-        scale_kernels = self.scale is not None and self.in_channels // self.groups * math.prod(self.kernel_size) \
-            <= pixels
+        scale_kernels = self.scale is not None and \
+            self.in_channels // self.groups * math.prod(self.kernel_size) <= self._positions(x)
         # channels-last kernels where the conv runs on the channels-last map itself (not batch-folded to NCHW)
         channels_last = len(self.kernel_size) == 2 and memory_format_of(x) == torch.channels_last and (
-            x.shape[0] == 1 or self._per_sample(x, self.padding))
+            x.shape[0] == 1 or per_sample)
         w = self.kernels(x, workspace=_inference(), scale=self.scale if scale_kernels else None,
                          channels_last=channels_last)
         bias = self.bias if self.scale is None or scale_kernels else None
-        if self._matmul_only and (x.shape[0] > 1 or not self.kernel_size):  # batch 1: oneDNN's 1x1 conv
-            y = self._batched_matmul(x, w, bias)
-        else:
-            y = self._conv(x, w, bias)
+        y = self._batched_matmul(x, w, bias) if matmul else self._conv(x, w, bias, per_sample)
         if self.scale is None or scale_kernels:
             return y
         # y is this call's own fresh tensor: without autograd the epilogue writes it in place (a new tensor of
@@ -356,6 +354,13 @@ class KWConv(nn.Module):
 
     def _per_channel(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, *(1,) * len(self.kernel_size))
+
+    def _positions(self, x: torch.Tensor) -> int:
+        """Output positions per sample: the conv's output pixels, or a Linear's rows."""
+        if not self.kernel_size:
+            return x[0].numel() // x.shape[-1]
+        return math.prod((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
+                         zip(x.shape[2:], self.padding, self.dilation, self.kernel_size, self.stride, strict=True))
 
     @torch.no_grad()
     def fold_affine(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
@@ -393,7 +398,9 @@ class KWConv(nn.Module):
             return y.reshape(-1, *size, self.out_channels).permute(0, 3, 1, 2)
         return _bmm(w, x.flatten(2), None if bias is None else bias.unsqueeze(-1)).reshape(-1, self.out_channels, *size)
 
-    def _conv(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _conv(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, per_sample: bool) -> torch.Tensor:
+        """The conv of `x` with the per-sample kernels `w`: one conv per sample if `per_sample` (`_per_sample`),
+        else one over the batch folded into the groups (depthwise maps laid out batch-interleaved: one conv)."""
         pad = self.padding
         if self.padding_mode != "zeros":
             x = F.pad(x, [p for p in reversed(pad) for _ in range(2)], mode=self.padding_mode)
@@ -404,14 +411,14 @@ class KWConv(nn.Module):
         b, conv = x.shape[0], _CONV[len(self.kernel_size)]
         if self.groups == self.in_channels and _interleaved(x):
             return self._interleaved_depthwise(x, w, bias, pad)
-        if b > 1 and self._per_sample(x, pad):
+        if per_sample:
             return torch.cat([conv(x[i:i + 1], w[i], bias, self.stride, pad, self.dilation, self.groups)
                               for i in range(b)])
         y = conv(x.reshape(1, -1, *x.shape[2:]), w.reshape(-1, *w.shape[2:]), None if bias is None else bias.repeat(b),
                  self.stride, pad, self.dilation, self.groups * b)
         return y.reshape(b, self.out_channels, *y.shape[2:])
 
-    def _per_sample(self, x: torch.Tensor, pad: Sequence[int]) -> bool:
+    def _per_sample(self, x: torch.Tensor) -> bool:
         """One conv per sample, rather than one conv over the batch folded into the groups: depthwise convs on
         channels-last maps (folding would copy the map to NCHW; oneDNN's channels-last depthwise conv is 1.5-5x
         faster than its NCHW one on MobileNetV2's 112 x 112 and 56 x 56 layers); dense and grouped convs at
@@ -423,9 +430,7 @@ class KWConv(nn.Module):
             return memory_format_of(x) == torch.channels_last
         if torch.is_grad_enabled():
             return False
-        out = math.prod((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
-                        zip(x.shape[2:], pad, self.dilation, self.kernel_size, self.stride, strict=True))
-        macs = self.out_channels * self.in_channels // self.groups * math.prod(self.kernel_size) * out
+        macs = self.out_channels * self.in_channels // self.groups * math.prod(self.kernel_size) * self._positions(x)
         return macs >= _PER_SAMPLE_MACS
 
     def _interleaved_depthwise(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,

@@ -18,8 +18,9 @@ After a KernelWarehouse conv (`lkfx.modules.kernel_warehouse.KWConv`, whose kern
 from cells shared with other layers) the BN becomes the conv's output affine map (`KWConv.fold_affine`)::
 
     x -> KWConv(b) -> BN -> y         becomes        x -> s KWConv(0) + (s b + t) -> y   (in place at inference)
- A BN read by several
-convs folds into each of them when this is exact for every one (MobileNetV4's attention norm feeding q, k, v).
+
+A BN read by several convs folds into each of them when this is exact for every one (MobileNetV4's attention
+norm feeding q, k, v).
 
 Refused (each with its reason in the report): BN in training mode (torch ``.training``, ONNX
 ``training_mode=1``) or without running statistics; conv output also read elsewhere or a graph output (the
@@ -106,12 +107,16 @@ class FoldBN(Pass):
             reason = common(conv, bn)
             if reason:
                 return reason
-            others = view.users_besides(conv.node, bn.node)
+            out_ch = conv.weight.shape[1] * conv.groups if conv.transposed else conv.weight.shape[0]
+            return output_refusal(conv.node, bn, out_ch, conv.kind == "linear")
+
+        def output_refusal(node, bn, out_ch: int, linear: bool) -> str | None:
+            """Why the BN after conv `node` (`out_ch` outputs) cannot take its place there, or None."""
+            others = view.users_besides(node, bn.node)
             if others:
                 return f"the conv output is also used by {', '.join(others)}"
-            if conv.kind == "linear" and (reason := linear_rank(conv.node)):
+            if linear and (reason := linear_rank(node)):
                 return reason
-            out_ch = conv.weight.shape[1] * conv.groups if conv.transposed else conv.weight.shape[0]
             if bn.mean.numel() != out_ch:
                 return f"BatchNorm has {bn.mean.numel()} channels, the conv produces {out_ch}"
             return None
@@ -133,13 +138,7 @@ class FoldBN(Pass):
                 return reason
             if (calls := view.module_calls(m["conv"])) > 1:
                 return f"the KWConv module is called {calls} times: folding would change every call"
-            if others := view.users_besides(m["conv"], bn.node):
-                return f"the conv output is also used by {', '.join(others)}"
-            if not kw.kernel_size and (reason := linear_rank(m["conv"])):
-                return reason
-            if bn.mean.numel() != kw.out_channels:
-                return f"BatchNorm has {bn.mean.numel()} channels, the conv produces {kw.out_channels}"
-            return None
+            return output_refusal(m["conv"], bn, kw.out_channels, not kw.kernel_size)
 
         def kw_rewrite(m) -> None:
             bn = view.bn(m["bn"])
@@ -236,7 +235,7 @@ class FoldBN(Pass):
             rules.append(Rule("bn->conv", Pattern(("conv", "linear", "conv_like"), [Pattern("batch_norm", bind="bn")],
                                                   bind="conv"), refusing(before_check), before_rewrite, where, subject))
         apply_rules(view, rules, ctx.report)
-        if any(view.kind(n) == "kw_conv" for n in gm.graph.nodes) and ctx.report.modified:
+        if ctx.report.modified:
             from lkfx.modules.kernel_warehouse import mark_interleaved
 
             mark_interleaved(gm)  # KW convs no longer separated by BatchNorms may chain batch-interleaved maps

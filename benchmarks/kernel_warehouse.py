@@ -19,8 +19,8 @@ page faults make single runs vary by 10-40 %):
   batch folded into the groups, Linear as conv1d, BatchNorm after it), as `KWconvNd.forward` of
   OSVAI/KernelWarehouse (on a channels-last model its batch folding copies the map to NCHW);
 - lkfx convs: `KWConv.forward` alone (at batch > 1: 1x1 convs as one bmm over the batch, dense and grouped
-  convs one conv per sample; depthwise convs batch-folded, or per sample on channels-last maps; Linears one
-  bmm), BatchNorms as they are;
+  convs one conv per sample where it has >= 32M multiply-adds, else batch-folded; depthwise convs
+  batch-folded, or per sample on channels-last maps; Linears one bmm), BatchNorms as they are;
 - lkfx: what lkfx deploys, ``lkfx.transform(kw_model, ["fold_bn"])``: each BatchNorm after a KWConv becomes
   its output affine map, applied in place (`KWConv.fold_affine`; the official code has no such step);
 - assembly: the per-sample kernels alone (attention, ``alpha @ E``, layout), as lkfx computes them. Both the

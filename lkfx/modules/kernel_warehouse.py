@@ -27,15 +27,16 @@ kernel is exactly its assigned cells: with b >= 1 and `KWConv.load_kernel` the c
 With ``nonlocal_basis`` < 1 (official ResNet50 at 1/2x) FC2 outputs a layer's own cells directly and the other
 layers' cells through a basis of ``max(nonlocal_basis * (n - block), 16)`` features and a linear map FC3.
 
-Assembly and conv. The per-sample kernels ``(B, out, in/groups, *k)`` (one GEMM ``alpha @ E`` for the batch)
-are applied, at batch B > 1, as: a 1x1 conv (no padding) by one ``bmm`` over the batch, ``y_b = W_b x_b`` on
-``(B, in, HW)`` (a channels-last input as ``(B, HW, in) @ W_b^T``, output channels-last), strided by
-subsampling; dense and grouped kxk convs by one conv per sample (oneDNN runs the batch folded into a
-batch-sized group count slower); depthwise convs by one conv over the batch folded into the groups (input
-``(1, B in, *size)``, ``B groups`` groups: oneDNN's depthwise kernel), or one conv per sample when the input is
-channels-last (folding would copy it to NCHW; the output stays channels-last). At batch 1 every conv is one conv with
-the sample's kernel. A Linear (``kernel_size == ()``, input ``(B, ..., in)``, channels last) is one ``bmm``
-over the batch: the official KWLinear's 1x1 conv1d. All paths compute the official batch-folded grouped conv
+Assembly and conv. The per-sample kernels ``(B, out, in/groups, *k)`` (one GEMM ``alpha @ E`` for the batch) are
+applied, at batch B > 1, as: a 1x1 conv (no padding) by one ``bmm`` over the batch, ``y_b = W_b x_b`` on ``(B, in,
+HW)`` (a channels-last input as ``(B, HW, in) @ W_b^T``, output channels-last), strided by subsampling; dense and
+grouped kxk convs by one conv per sample at inference where a sample's conv is large (oneDNN runs the batch folded
+into a large batch-sized group count slower), else and under autograd by one conv over the batch folded into the
+groups (`KWConv._per_sample`); depthwise convs by one conv over the batch folded into the groups (input ``(1, B in,
+*size)``, ``B groups`` groups: oneDNN's depthwise kernel), or one conv per sample when the input is channels-last
+(folding would copy it to NCHW; the output stays channels-last). At batch 1 every conv is one conv with the
+sample's kernel. A Linear (``kernel_size == ()``, input ``(B, ..., in)``, channels last) is one ``bmm`` over the
+batch: the official KWLinear's 1x1 conv1d. All paths compute the official batch-folded grouped conv
 up to float rounding (tests: <= 1e-6 relative). ONNX Conv's ``group`` is a constant, so while exporting
 (`torch.onnx.export`, `torch.export`) a kxk conv is computed independently of the batch size: the padded
 input is sliced per kernel tap (im2col) and multiplied with the kernels (MatMul). The bias, and an inference

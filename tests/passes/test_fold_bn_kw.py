@@ -146,7 +146,8 @@ def test_training_mode_bn_is_refused():
 
 class InvertedResidual(nn.Module):
     """expand 1x1 -> ReLU6 -> depthwise 3x3 (multiplier 2, stride `stride`) -> ReLU6 -> project 1x1, + skip when
-    shapes allow; the head reads the project's output (so the project conv must hand it on channels-last)."""
+    shapes allow; the project's output goes to the add or the graph output (so it must be handed on
+    channels-last)."""
 
     def __init__(self, stride: int):
         super().__init__()
